@@ -1,0 +1,59 @@
+"""Build the pieces a job names (model, algorithm, tasks, optimizer) from its config."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from distmeta.algorithms import Algorithm, InnerLoop, build_algorithm
+from distmeta.config import JobConfig
+from distmeta.data.omniglot import load_omniglot
+from distmeta.data.omniglot_tasks import OmniglotTasks
+from distmeta.data.sampling import TaskSampler
+from distmeta.data.sinusoid import SinusoidTasks
+from distmeta.models import TaskModel, conv4, mlp
+from distmeta.optim import Optimizer, build_optimizer
+
+
+def build_model(job: JobConfig) -> TaskModel:
+    """The job's model; conv4's head has one output per way."""
+    if job.model.name == "conv4":
+        return conv4(ways=job.task.ways, width=job.model.width, downsample=job.model.downsample)
+    return mlp(1, tuple(job.model.hidden), 1)
+
+
+def train_inner_loop(job: JobConfig) -> InnerLoop:
+    """The inner loop used during meta-training."""
+    a = job.algorithm
+    return InnerLoop(lr=a.inner_lr, steps=a.inner_steps, adapt=tuple(a.adapt))
+
+
+def eval_inner_loop(job: JobConfig, steps: int | None = None) -> InnerLoop:
+    """The inner loop used at evaluation: same step size, ``eval.inner_steps`` steps."""
+    return train_inner_loop(job)._replace(steps=job.eval.inner_steps if steps is None else steps)
+
+
+def build_job_algorithm(job: JobConfig) -> Algorithm:
+    return build_algorithm(job.algorithm.name, train_inner_loop(job))
+
+
+def build_job_optimizer(job: JobConfig) -> Optimizer:
+    return build_optimizer(job.optimizer.name, job.optimizer.lr)
+
+
+def build_sampler(job: JobConfig) -> TaskSampler:
+    """The job's task sampler for meta-training.
+
+    Raises:
+        DataError: Omniglot data missing or corrupt.
+        ValueError: a task shape the split cannot provide.
+    """
+    t = job.task
+    if t.dataset == "sinusoid":
+        return SinusoidTasks(shots=t.shots, queries=t.queries, seed=job.seed)
+    data = load_omniglot(job.data.omniglot, job.data.cache)
+    return OmniglotTasks(data, ways=t.ways, shots=t.shots, queries=t.queries, protocol=t.protocol,
+                         rotations=tuple(t.rotations), val_characters=t.val_characters, seed=job.seed)
+
+
+def with_queries(sampler: TaskSampler, queries: int) -> TaskSampler:
+    """The same sampler with another query count (the data stays shared)."""
+    return replace(sampler, queries=queries)

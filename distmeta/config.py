@@ -1,0 +1,271 @@
+"""Job files are data: YAML mapped onto typed dataclasses, every error reported at once.
+
+A job file names only what differs from the defaults below. ``load_job`` rejects unknown
+keys, wrong types and impossible values with messages that name the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DRAWINGS_PER_CHARACTER = 20
+VINYALS_TRAIN_CHARACTERS = 1200
+VINYALS_TEST_CHARACTERS = 423
+
+
+class ConfigError(ValueError):
+    """Every problem found in a job file, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "job") -> None:
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def choice(*allowed: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": allowed})
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    dataset: str = choice("omniglot", "sinusoid", default="omniglot")
+    ways: int = 5  # classes per task (omniglot)
+    shots: int = 1  # support examples per class (omniglot) or support points (sinusoid)
+    queries: int = 15  # query examples per class / query points, during meta-training
+    protocol: str = choice("vinyals", "alphabet", default="vinyals")  # omniglot character split
+    rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # classes = char × rotation
+    val_characters: int = 100  # meta-validation characters carved from meta-train
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = choice("conv4", "mlp", default="conv4")
+    width: int = 64  # conv4 filters
+    downsample: str = choice("stride", "maxpool", default="stride")  # conv4 downsampling
+    hidden: list[int] = field(default_factory=lambda: [40, 40])  # mlp hidden sizes
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = choice("maml", "fomaml", "reptile", "pretrain", default="maml")
+    inner_lr: float = 0.4  # inner SGD step size α
+    inner_steps: int = 1  # inner SGD steps during meta-training
+    adapt: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns of adapted params
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = choice("adam", "sgd", default="adam")  # Reptile's ε is sgd's lr
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # outer (meta) steps
+    meta_batch: int = 32  # tasks per outer step
+    time_limit_s: float | None = None  # stop early after this much wall time
+    log_every: int = 20
+    val_every: int = 200  # 0 disables meta-validation
+    val_tasks: int = 100
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: int = 600  # fresh meta-test tasks for the final report
+    queries: int = 15  # query examples per class at evaluation
+    inner_steps: int = 3  # adaptation steps at evaluation (may exceed training's)
+    split: str = choice("test", "val", "train", default="test")
+    batch: int = 50  # tasks adapted at once
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    path: str = choice("auto", "batched", "vmap", "loop", default="auto")  # how tasks are batched
+    precision: str = choice("fp32", "bf16", default="fp32")  # bf16 = autocast, fp32 master weights
+    device: str = choice("auto", "cpu", "cuda", default="auto")
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    omniglot: str | None = None  # the two zips or their folders; else $DISTMETA_OMNIGLOT, else download
+    cache: str | None = None  # preprocessed arrays; else $DISTMETA_CACHE, else ~/.cache/distmeta
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "job"
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'job'}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            problems.append(f"{where}: unknown key; allowed keys: {', '.join(names)}")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, f"{where}.", problems)
+        elif _type_ok(hint, value):
+            allowed = names[key].metadata.get("choices")
+            if allowed and value not in allowed:
+                problems.append(f"{where}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+            else:
+                values[key] = float(value) if hint is float else value
+        else:
+            problems.append(f"{where}: expected {_type_name(hint)}, got {value!r}")
+    return cls(**values)
+
+
+def _type_ok(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(item, v) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else hint.__name__
+
+
+def _check_values(job: JobConfig) -> list[str]:
+    """Impossible values: each rule names its key."""
+    t, a, tr, ev = job.task, job.algorithm, job.train, job.eval
+    rules = [
+        (job.seed >= 0, "seed", "must be >= 0"),
+        (t.ways >= 2, "task.ways", "must be >= 2"),
+        (t.shots >= 1, "task.shots", "must be >= 1"),
+        (t.queries >= 1, "task.queries", "must be >= 1"),
+        (t.val_characters >= 1, "task.val_characters", "must be >= 1"),
+        (bool(t.rotations) and all(r in (0, 90, 180, 270) for r in t.rotations) and len(set(t.rotations)) == len(t.rotations),
+         "task.rotations", "must be distinct values from 0, 90, 180, 270"),
+        (a.inner_lr >= 0, "algorithm.inner_lr", "must be >= 0"),
+        (a.inner_steps >= (0 if a.name == "pretrain" else 1), "algorithm.inner_steps", "must be >= 1"),
+        (bool(a.adapt), "algorithm.adapt", "must name at least one pattern"),
+        (job.optimizer.lr > 0, "optimizer.lr", "must be > 0"),
+        (tr.steps >= 1, "train.steps", "must be >= 1"),
+        (tr.meta_batch >= 1, "train.meta_batch", "must be >= 1"),
+        (tr.time_limit_s is None or tr.time_limit_s > 0, "train.time_limit_s", "must be > 0 or null"),
+        (tr.log_every >= 1, "train.log_every", "must be >= 1"),
+        (tr.val_every >= 0, "train.val_every", "must be >= 0"),
+        (tr.val_tasks >= 1, "train.val_tasks", "must be >= 1"),
+        (tr.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1"),
+        (tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
+        (ev.tasks >= 2, "eval.tasks", "must be >= 2 (a confidence interval needs two)"),
+        (ev.queries >= 1, "eval.queries", "must be >= 1"),
+        (ev.inner_steps >= 0, "eval.inner_steps", "must be >= 0"),
+        (ev.batch >= 1, "eval.batch", "must be >= 1"),
+        (job.runtime.threads is None or job.runtime.threads >= 1, "runtime.threads", "must be >= 1 or null"),
+    ]
+    if t.dataset == "omniglot":
+        rules += [
+            (t.shots + t.queries <= DRAWINGS_PER_CHARACTER, "task.queries",
+             f"task.shots + task.queries = {t.shots + t.queries} exceeds the {DRAWINGS_PER_CHARACTER} drawings per character"),
+            (t.shots + ev.queries <= DRAWINGS_PER_CHARACTER, "eval.queries",
+             f"task.shots + eval.queries = {t.shots + ev.queries} exceeds the {DRAWINGS_PER_CHARACTER} drawings per character"),
+            (job.model.name == "conv4", "model.name", "omniglot tasks need model conv4"),
+        ]
+        if t.protocol == "vinyals":
+            train_chars = VINYALS_TRAIN_CHARACTERS - t.val_characters
+            smallest = min(train_chars, t.val_characters, VINYALS_TEST_CHARACTERS) * len(t.rotations)
+            rules += [
+                (t.val_characters < VINYALS_TRAIN_CHARACTERS, "task.val_characters",
+                 f"must be < {VINYALS_TRAIN_CHARACTERS} (the meta-train characters it is carved from)"),
+                (t.ways <= smallest, "task.ways",
+                 f"{t.ways} ways but the smallest vinyals split has {smallest} classes"),
+            ]
+    else:
+        rules.append((job.model.name == "mlp", "model.name", "sinusoid tasks need model mlp"))
+    return [f"{key}: {message}" for ok, key, message in rules if not ok]
+
+
+def job_from_dict(raw: Any, source: str = "job") -> JobConfig:
+    """A validated JobConfig from parsed YAML.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and impossible value.
+    """
+    problems: list[str] = []
+    job = _build(JobConfig, raw, "", problems)
+    if not problems:
+        problems = _check_values(job)
+    if problems:
+        raise ConfigError(problems, source)
+    return job
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``key.sub=value`` overrides (values parsed as YAML) applied to a raw job mapping.
+
+    Raises:
+        ConfigError: an override without ``=``.
+    """
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError([f"--set {o!r}: expected key=value" for o in bad], "overrides")
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+    for override in overrides:
+        dotted, text = override.split("=", 1)
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"--set {dotted}: {part!r} is not a section"], "overrides")
+        node[last] = yaml.safe_load(text)
+    return raw
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read, override and validate a job file.
+
+    Raises:
+        ConfigError: unreadable YAML or any invalid value (all listed at once).
+        FileNotFoundError: no such file.
+    """
+    text = Path(path).read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
+    return job_from_dict(apply_overrides(raw, list(overrides)), str(path))
+
+
+def job_to_dict(job: JobConfig) -> dict:
+    """The resolved job as plain data (what a run directory records)."""
+    return dataclasses.asdict(job)

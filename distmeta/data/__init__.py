@@ -1,0 +1,1 @@
+"""Task data: datasets and counter-based task samplers."""

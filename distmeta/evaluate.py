@@ -1,0 +1,79 @@
+"""Meta-test evaluation: adapt Φ on fresh tasks' support sets, score their query sets."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from distmeta.algorithms import InnerLoop, adaptation_curve
+from distmeta.data.sampling import TaskSampler
+from distmeta.models import TaskModel
+from distmeta.runtime.local import precision_context, to_device
+from distmeta.types import Params
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and the half-width 1.96·s/√n of its normal 95% interval (s with n − 1)."""
+    values = values.double()
+    return values.mean().item(), 1.96 * values.std(unbiased=True).item() / math.sqrt(len(values))
+
+
+def evaluate(model: TaskModel, phi: Params, sampler: TaskSampler, split: str, tasks: int, inner: InnerLoop,
+             batch: int = 50, round_index: int = 0, device: torch.device | str = "cpu",
+             precision: str = "fp32", record_at: tuple[int, ...] | None = None) -> dict[int, dict[str, float]]:
+    """Query metrics (mean and ``<name>_ci95``) over ``tasks`` tasks after each step count.
+
+    Tasks are the counter-based tasks ``0..tasks-1`` of round ``round_index`` of ``split``,
+    so the same call always scores the same tasks; another round draws fresh ones.
+    Returns ``{steps: {"loss": .., "loss_ci95": .., "accuracy": .., ...}}`` for each entry of
+    ``record_at`` (default: only ``inner.steps``).
+    """
+    device = torch.device(device)
+    record_at = record_at or (inner.steps,)
+    phi = {n: p.detach().to(device) for n, p in phi.items()}
+    per_task: dict[int, dict[str, list[torch.Tensor]]] = {s: {} for s in record_at}
+    for start in range(0, tasks, batch):
+        chunk = to_device(sampler.sample(split, round_index, start, min(start + batch, tasks)), device)
+        with precision_context(precision, device):
+            curve = adaptation_curve(model.batched_loss, phi, chunk.support, chunk.query, inner, record_at)
+        for steps, metrics in curve.items():
+            for name, values in metrics.items():
+                per_task[steps].setdefault(name, []).append(values.float().cpu())
+    report: dict[int, dict[str, float]] = {}
+    for steps, metrics in per_task.items():
+        report[steps] = {"tasks": tasks}
+        for name, chunks in metrics.items():
+            mean, ci = mean_ci95(torch.cat(chunks))
+            report[steps][name], report[steps][f"{name}_ci95"] = mean, ci
+    return report
+
+
+def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
+                 split: str | None = None, round_index: int = 1) -> dict[str, float]:
+    """Re-evaluate a run directory's final checkpoint on freshly drawn tasks.
+
+    ``round_index`` 1 differs from the tasks scored at the end of training (round 0).
+    Returns the metrics plus ``tasks``, ``steps``, ``split`` and, for classifiers,
+    ``accuracy`` and ``ci95``.
+    """
+    from distmeta.checkpoint import latest_checkpoint, load_checkpoint
+    from distmeta.components import build_model, build_sampler, eval_inner_loop, with_queries
+    from distmeta.config import job_from_dict
+
+    run_dir = Path(run_dir)
+    job = job_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    state = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    inner = eval_inner_loop(job, steps)
+    split = split or job.eval.split
+    sampler = with_queries(build_sampler(job), job.eval.queries)
+    report = evaluate(build_model(job), state["phi"], sampler, split, tasks or job.eval.tasks, inner,
+                      job.eval.batch, round_index)[inner.steps]
+    return headline(report) | {"steps": inner.steps, "split": split}
+
+
+def headline(report: dict[str, float]) -> dict[str, float]:
+    """A report with the headline metric also under ``ci95`` (accuracy, else mse)."""
+    name = "accuracy" if "accuracy" in report else "mse"
+    return {**report, "metric": name, "ci95": report[f"{name}_ci95"]}

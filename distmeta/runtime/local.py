@@ -1,0 +1,90 @@
+"""The in-process executor: samples a meta-step's tasks and computes their contribution.
+
+An executor is the seam between the training loop and where the math runs. This one runs
+in the calling process; a distributed executor splits the same meta-batch into task slices,
+computes each slice's contribution elsewhere with the same functions, and sums them in order.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+import torch
+from torch.utils._pytree import tree_map
+
+from distmeta.algorithms import Algorithm, compute_contribution
+from distmeta.data.sampling import TaskSampler
+from distmeta.models import TaskModel
+from distmeta.types import Contribution, Params, TaskBatch
+
+log = logging.getLogger("distmeta.runtime")
+
+AUTO_CANDIDATES = ("batched", "loop")
+
+
+class Executor(Protocol):
+    """Computes the contribution of meta-step ``step``'s tasks ``0..meta_batch-1`` at Φ."""
+
+    def contribution(self, phi: Params, step: int, meta_batch: int) -> Contribution: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU.
+
+    Raises:
+        ValueError: ``cuda`` asked for where there is none.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("runtime.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast (fp32 master weights and loss) or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(tasks: TaskBatch, device: torch.device) -> TaskBatch:
+    return TaskBatch(*tree_map(lambda t: t.to(device, non_blocking=True), tuple(tasks)))
+
+
+class LocalExecutor:
+    """Runs the algorithm on this process's device, choosing the fastest path if asked."""
+
+    def __init__(self, model: TaskModel, algorithm: Algorithm, sampler: TaskSampler, path: str = "auto",
+                 precision: str = "fp32", device: torch.device | str = "cpu") -> None:
+        self.model, self.algorithm, self.sampler = model, algorithm, sampler
+        self.precision, self.device = precision, torch.device(device)
+        self.path = path
+
+    def tasks(self, step: int, start: int, stop: int) -> TaskBatch:
+        return to_device(self.sampler.sample("train", step, start, stop), self.device)
+
+    def contribution(self, phi: Params, step: int, meta_batch: int) -> Contribution:
+        tasks = self.tasks(step, 0, meta_batch)
+        if self.path == "auto":
+            self.path = self._fastest_path(phi, tasks)
+        with precision_context(self.precision, self.device):
+            return compute_contribution(self.algorithm, self.model, phi, tasks, self.path)
+
+    def _fastest_path(self, phi: Params, tasks: TaskBatch, repeats: int = 2) -> str:
+        """Time each candidate path on real tasks (after a warm-up) and keep the fastest."""
+        timings = {}
+        for path in AUTO_CANDIDATES:
+            with precision_context(self.precision, self.device):
+                compute_contribution(self.algorithm, self.model, phi, tasks, path)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    compute_contribution(self.algorithm, self.model, phi, tasks, path)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+            timings[path] = (time.perf_counter() - start) / repeats
+        best = min(timings, key=timings.get)
+        log.info("path auto: %s (%s)", best, ", ".join(f"{p} {t * 1000:.0f} ms/step" for p, t in timings.items()))
+        return best
