@@ -12,11 +12,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
 
 DRAWINGS_PER_CHARACTER = 20
 VINYALS_TRAIN_CHARACTERS = 1200
 VINYALS_TEST_CHARACTERS = 423
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-3`` is a float (YAML 1.1 would read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\.inf|\.nan)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -247,7 +264,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"--set {dotted}: {part!r} is not a section"], "overrides")
-        node[last] = yaml.safe_load(text)
+        node[last] = parse_yaml(text)
     return raw
 
 
@@ -260,7 +277,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """
     text = Path(path).read_text()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
     return job_from_dict(apply_overrides(raw, list(overrides)), str(path))

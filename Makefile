@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine:  `make train` (set up + run the main job)
+# and `make test` (set up + run the whole test suite, as CI does).
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch 2.13 (CI and tests). GPU users: TORCH="torch>=2.13" picks pip's CUDA build.
+TORCH ?= torch==2.13.0
+SHARED_OMNIGLOT := $(abspath ../shared/data/omniglot)
+# Use the shared Omniglot copy when it sits beside the checkout; otherwise the loader downloads it.
+export DISTMETA_OMNIGLOT ?= $(if $(wildcard $(SHARED_OMNIGLOT)/images_background.zip),$(SHARED_OMNIGLOT),)
+
+.PHONY: setup train test bench
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "$(TORCH)"
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $@
+
+train: setup
+	$(VENV)/bin/distmeta train jobs/omniglot_5w1s_smoke.yaml --out runs/omniglot_5w1s_smoke
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	$(VENV)/bin/python bench/meta_step.py

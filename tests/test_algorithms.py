@@ -1,0 +1,233 @@
+"""The meta-learning math, checked against independent references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distmeta.algorithms import ALGORITHMS, PATHS, InnerLoop, build_algorithm, compute_contribution
+from distmeta.algorithms.inner import adapt, expand_to_tasks
+from distmeta.algorithms.paths import one_task_at_a_time, sum_contributions
+from distmeta.models import conv4, mlp
+from distmeta.models.conv4 import conv4_logits
+from distmeta.optim import adam, sgd
+from distmeta.types import TaskBatch
+
+torch.set_num_threads(2)
+
+
+def omniglot_like(tasks: int, ways: int = 3, shots: int = 1, queries: int = 2, seed: int = 0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    def part(per_class: int):
+        x = torch.rand(tasks, ways * per_class, 1, 28, 28, generator=g, dtype=torch.get_default_dtype())
+        y = torch.arange(ways).repeat_interleave(per_class).expand(tasks, -1).contiguous()
+        return x, y
+    return TaskBatch(part(shots), part(queries))
+
+
+def regression_tasks(tasks: int, points: int = 5, seed: int = 0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.get_default_dtype()
+    def part():
+        x = torch.rand(tasks, points, 1, generator=g, dtype=dtype) * 4 - 2
+        return x, torch.sin(3 * x) + torch.rand(tasks, 1, 1, generator=g, dtype=dtype)
+    return TaskBatch(part(), part())
+
+
+def relative_error(a: dict, b: dict) -> float:
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in b)
+
+
+MODELS = {
+    "conv4": (lambda: conv4(ways=3, width=6), omniglot_like),
+    "mlp": (lambda: mlp(1, (8, 8), 1), regression_tasks),
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vectorised_paths_match_the_per_task_loop(algorithm, model_name, dtype):
+    make_model, make_tasks = MODELS[model_name]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = make_model()
+        phi = model.init(torch.Generator().manual_seed(1))
+        tasks = make_tasks(5)
+        alg = build_algorithm(algorithm, InnerLoop(lr=0.1, steps=2))
+        reference = compute_contribution(alg, model, phi, tasks, "loop")
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-11
+        for path in PATHS:
+            result = compute_contribution(alg, model, phi, tasks, path)
+            assert result.num_tasks == 5
+            assert relative_error(result.grad_sum, reference.grad_sum) < tolerance, path
+            for name, value in reference.metrics.items():
+                assert torch.allclose(result.metrics[name], value, rtol=1e-5, atol=1e-6), (path, name)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def outer_loss(model, phi, tasks, inner) -> torch.Tensor:
+    """Σₙ lₙ(θ̂ⁿ) computed one task at a time, for finite differences (no second derivatives)."""
+    total = 0.0
+    for i in range(tasks.support[0].shape[0]):
+        params = {n: p.detach().clone().requires_grad_() for n, p in phi.items()}
+        support = tuple(t[i] for t in tasks.support)
+        for _ in range(inner.steps):
+            loss, _ = model.loss(params, support)
+            grads = torch.autograd.grad(loss, list(params.values()))
+            params = {n: (p - inner.lr * g).detach().requires_grad_() for (n, p), g in zip(params.items(), grads)}
+        total += model.loss(params, tuple(t[i] for t in tasks.query))[0].item()
+    return torch.tensor(total)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_second_order_meta_gradient_matches_finite_differences(model_name, float64):
+    make_model, make_tasks = MODELS[model_name]
+    model = make_model()
+    phi = model.init(torch.Generator().manual_seed(2))
+    tasks = make_tasks(2)
+    inner = InnerLoop(lr=0.3, steps=2)
+    analytic = compute_contribution(build_algorithm("maml", inner), model, phi, tasks, "batched").grad_sum
+    g = torch.Generator().manual_seed(3)
+    eps = 1e-6
+    for name in phi:
+        for _ in range(2):  # two random coordinates per tensor
+            index = tuple(int(torch.randint(s, (1,), generator=g)) for s in phi[name].shape)
+            plus = {n: p.clone() for n, p in phi.items()}
+            minus = {n: p.clone() for n, p in phi.items()}
+            plus[name][index] += eps
+            minus[name][index] -= eps
+            numeric = (outer_loss(model, plus, tasks, inner) - outer_loss(model, minus, tasks, inner)) / (2 * eps)
+            assert analytic[name][index].item() == pytest.approx(numeric.item(), rel=1e-5, abs=1e-8), (name, index)
+
+
+def test_first_order_differs_from_second_order_and_is_the_adapted_gradient(float64):
+    model = mlp(1, (8, 8), 1)
+    phi = model.init(torch.Generator().manual_seed(4))
+    tasks = regression_tasks(3)
+    inner = InnerLoop(lr=0.2, steps=1)
+    second = compute_contribution(build_algorithm("maml", inner), model, phi, tasks, "loop").grad_sum
+    first = compute_contribution(build_algorithm("fomaml", inner), model, phi, tasks, "loop").grad_sum
+    assert relative_error(first, second) > 1e-3
+    # FOMAML = Σₙ ∇θ lₙ(θ) evaluated at θ = θ̂ⁿ
+    expected = {n: torch.zeros_like(p) for n, p in phi.items()}
+    for i in range(3):
+        params = {n: p.clone().requires_grad_() for n, p in phi.items()}
+        loss, _ = model.loss(params, tuple(t[i] for t in tasks.support))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        adapted = {n: (p - 0.2 * gr).detach().requires_grad_() for (n, p), gr in zip(params.items(), grads)}
+        loss, _ = model.loss(adapted, tuple(t[i] for t in tasks.query))
+        for n, gr in zip(adapted, torch.autograd.grad(loss, list(adapted.values()))):
+            expected[n] += gr
+    assert relative_error(first, expected) < 1e-12
+
+
+def linear_model():
+    """y = w·x, one weight: the Reptile delta can be computed by hand."""
+    from distmeta.models.base import TaskModel, regression_loss, vmapped
+
+    def loss(params, batch):
+        x, y = batch
+        return regression_loss(x * params["w"], y)
+
+    return TaskModel("linear", lambda g: {"w": torch.tensor(0.5)}, loss, vmapped(loss))
+
+
+def test_reptile_delta_matches_a_hand_computed_case(float64):
+    model = linear_model()
+    phi = {"w": torch.tensor(0.5)}
+    x1, y1 = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])  # task 1 wants w = 2
+    x2, y2 = torch.tensor([1.0, -1.0]), torch.tensor([-1.0, 1.0])  # task 2 wants w = -1
+    tasks = TaskBatch((torch.stack([x1, x2]), torch.stack([y1, y2])), (torch.stack([x1, x2]), torch.stack([y1, y2])))
+    lr = 0.1
+    expected = 0.0
+    for x, y in ((x1, y1), (x2, y2)):
+        w = 0.5
+        for _ in range(2):  # d/dw mean((w x - y)^2) = 2 mean(x (w x - y))
+            w -= lr * 2 * torch.mean(x * (w * x - y)).item()
+        expected += 0.5 - w  # Φ − θ̂
+    result = compute_contribution(build_algorithm("reptile", InnerLoop(lr, 2)), model, phi, tasks, "batched")
+    assert result.grad_sum["w"].item() == pytest.approx(expected, rel=1e-12)
+    # SGD with lr ε on the mean pseudo-gradient is Φ + ε·mean(θ̂ − Φ)
+    new_phi, _ = sgd(0.5).update(phi, {"w": result.grad_sum["w"] / 2}, {"count": 0})
+    assert new_phi["w"].item() == pytest.approx(0.5 - 0.5 * expected / 2)
+
+
+def test_pretrain_is_the_plain_query_gradient_at_phi(float64):
+    model = mlp(1, (8,), 1)
+    phi = model.init(torch.Generator().manual_seed(5))
+    tasks = regression_tasks(3)
+    result = compute_contribution(build_algorithm("pretrain", InnerLoop(0.1, 1)), model, phi, tasks, "batched")
+    params = {n: p.clone().requires_grad_() for n, p in phi.items()}
+    total = sum(model.loss(params, tuple(t[i] for t in tasks.query))[0] for i in range(3))
+    expected = dict(zip(params, torch.autograd.grad(total, list(params.values()))))
+    assert relative_error(result.grad_sum, expected) < 1e-12
+
+
+def test_head_only_adaptation_changes_only_the_head(float64):
+    model = conv4(ways=3, width=4)
+    phi = model.init(torch.Generator().manual_seed(6))
+    tasks = omniglot_like(2)
+    leaves = {n: p.clone().requires_grad_() for n, p in phi.items()}
+    adapted = adapt(model.batched_loss, expand_to_tasks(leaves, 2), tasks.support, InnerLoop(0.5, 2, ("head.*",)),
+                    create_graph=False)
+    for name in phi:
+        changed = not torch.equal(adapted[name][0], phi[name])
+        assert changed == name.startswith("head."), name
+    with pytest.raises(ValueError, match="match no parameter"):
+        adapt(model.batched_loss, expand_to_tasks(leaves, 2), tasks.support, InnerLoop(0.5, 1, ("nothing.*",)), False)
+
+
+def test_contributions_of_slices_sum_to_the_whole_batch(float64):
+    model = mlp(1, (8,), 1)
+    phi = model.init(torch.Generator().manual_seed(7))
+    tasks = regression_tasks(6)
+    alg = build_algorithm("maml", InnerLoop(0.1, 1))
+    whole = compute_contribution(alg, model, phi, tasks, "batched")
+    parts = [compute_contribution(alg, model, phi, TaskBatch(*(tuple(t[a:b] for t in part) for part in tasks)),
+                                  "batched") for a, b in ((0, 2), (2, 5), (5, 6))]
+    summed = sum_contributions(parts)
+    assert summed.num_tasks == 6
+    assert relative_error(summed.grad_sum, whole.grad_sum) < 1e-12
+
+
+def test_conv4_batch_norm_uses_each_tasks_own_statistics(float64):
+    model = conv4(ways=3, width=4)
+    phi = model.init(torch.Generator().manual_seed(8))
+    tasks = omniglot_like(3)
+    losses, _ = model.batched_loss(expand_to_tasks(phi, 3), tasks.query)
+    for i in range(3):
+        single, _ = model.loss(phi, tuple(t[i] for t in tasks.query))
+        assert losses[i].item() == pytest.approx(single.item(), rel=1e-12)
+    # a shifted copy of one task must not change another task's loss (no cross-task statistics)
+    shifted = (tasks.query[0].clone(), tasks.query[1])
+    shifted[0][1] += 10.0
+    moved, _ = model.batched_loss(expand_to_tasks(phi, 3), shifted)
+    assert moved[0].item() == pytest.approx(losses[0].item(), rel=1e-12)
+    assert conv4_logits(phi, tasks.query[0][0]).shape == (6, 3)
+
+
+def test_one_task_at_a_time_rejects_nothing_and_keeps_shapes(float64):
+    model = mlp(1, (4,), 1)
+    phi = expand_to_tasks(model.init(torch.Generator().manual_seed(9)), 1)
+    tasks = regression_tasks(1)
+    loss, metrics = one_task_at_a_time(model.loss)(phi, tasks.query)
+    assert loss.shape == (1,) and metrics["mse"].shape == (1,)
+
+
+def test_adam_matches_torch_optim_adam():
+    g = torch.Generator().manual_seed(10)
+    params = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+    reference = {n: p.clone().requires_grad_() for n, p in params.items()}
+    torch_adam = torch.optim.Adam(reference.values(), lr=0.01)
+    opt = adam(0.01)
+    state = opt.init(params)
+    for _ in range(5):
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+        params, state = opt.update(params, grads, state)
+        for n, p in reference.items():
+            p.grad = grads[n].clone()
+        torch_adam.step()
+    for n in params:
+        assert torch.allclose(params[n], reference[n].detach(), rtol=1e-6, atol=1e-7)

@@ -1,0 +1,78 @@
+"""Job files: every shipped one validates; bad ones fail at load naming the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distmeta.cli import main
+from distmeta.config import ConfigError, job_from_dict, load_job
+
+JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
+def test_every_shipped_job_file_validates(path):
+    job = load_job(path)
+    assert job.name == path.stem
+    assert path.read_text().startswith("#"), "job files open with a comment giving the launch command"
+
+
+def test_the_paper_settings_are_in_the_paper_jobs():
+    job = load_job(Path(JOBS[0]).parent / "omniglot_5w1s.yaml")
+    assert (job.algorithm.inner_lr, job.algorithm.inner_steps, job.train.meta_batch, job.optimizer.lr) == (0.4, 1, 32, 1e-3)
+    job = load_job(Path(JOBS[0]).parent / "omniglot_20w1s.yaml")
+    assert (job.task.ways, job.algorithm.inner_lr, job.algorithm.inner_steps, job.train.meta_batch) == (20, 0.1, 5, 16)
+
+
+@pytest.mark.parametrize("raw, key, text", [
+    ({"task": {"wayz": 5}}, "task.wayz", "unknown key; allowed keys: dataset, ways"),
+    ({"task": {"ways": "five"}}, "task.ways", "expected int"),
+    ({"algorithm": {"name": "maml2"}}, "algorithm.name", "choose one of maml, fomaml, reptile, pretrain"),
+    ({"task": {"shots": 5, "queries": 16}}, "task.queries", "exceeds the 20 drawings"),
+    ({"task": {"ways": 2000}}, "task.ways", "smallest vinyals split has 400 classes"),
+    ({"optimizer": {"lr": -1}}, "optimizer.lr", "must be > 0"),
+    ({"train": {"steps": True}}, "train.steps", "expected int"),
+    ({"task": {"rotations": [0, 45]}}, "task.rotations", "0, 90, 180, 270"),
+    ({"runtime": {"path": "gpu"}}, "runtime.path", "choose one of auto, batched, vmap, loop"),
+    ({"task": {"dataset": "sinusoid"}}, "model.name", "sinusoid tasks need model mlp"),
+    ({"eval": 3}, "eval", "expected a mapping"),
+])
+def test_bad_values_name_the_key(raw, key, text):
+    with pytest.raises(ConfigError) as error:
+        job_from_dict(raw)
+    assert f"{key}: " in str(error.value) and text in str(error.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        job_from_dict({"task": {"wayz": 1, "shots": "x"}, "model": {"name": "vit"}})
+    assert len(error.value.problems) == 3
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\ntrain: {steps: 10}\n")
+    job = load_job(path, ["train.steps=20", "algorithm.inner_lr=0.1", "task.rotations=[0]"])
+    assert (job.train.steps, job.algorithm.inner_lr, job.task.rotations) == (20, 0.1, [0])
+    with pytest.raises(ConfigError, match="train.steps: must be >= 1"):
+        load_job(path, ["train.steps=0"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_job(path, ["train.steps"])
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("task: {ways: 1}\n")
+    assert main(["validate", str(path)]) == 2
+    assert "task.ways: must be >= 2" in capsys.readouterr().err
+    path.write_text("task: [unclosed\n")
+    assert main(["validate", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("optimizer: {lr: 1e-3}\nalgorithm: {inner_lr: 4E-1}\n")
+    job = load_job(path)
+    assert job.optimizer.lr == 0.001 and job.algorithm.inner_lr == 0.4
