@@ -9,15 +9,15 @@ from distmeta.data.omniglot import load_omniglot
 from distmeta.data.omniglot_tasks import OmniglotTasks
 from distmeta.data.sampling import TaskSampler
 from distmeta.data.sinusoid import SinusoidTasks
-from distmeta.models import TaskModel, conv4, mlp
+from distmeta.models import TaskModel, make_conv4, make_mlp
 from distmeta.optim import Optimizer, build_optimizer
 
 
 def build_model(job: JobConfig) -> TaskModel:
     """The job's model; conv4's head has one output per way."""
     if job.model.name == "conv4":
-        return conv4(ways=job.task.ways, width=job.model.width, downsample=job.model.downsample)
-    return mlp(1, tuple(job.model.hidden), 1)
+        return make_conv4(ways=job.task.ways, width=job.model.width, downsample=job.model.downsample)
+    return make_mlp(1, tuple(job.model.hidden), 1)
 
 
 def train_inner_loop(job: JobConfig) -> InnerLoop:

@@ -106,6 +106,7 @@ class EvalConfig:
 class RuntimeConfig:
     path: str = choice("auto", "batched", "vmap", "loop", default="auto")  # how tasks are batched
     precision: str = choice("fp32", "bf16", default="fp32")  # bf16 = autocast, fp32 master weights
+    compile: bool = False  # torch.compile the batched loss (seconds to compile; pays off on long runs)
     device: str = choice("auto", "cpu", "cuda", default="auto")
     threads: int | None = None  # torch intra-op threads (None: torch's default)
 
@@ -207,6 +208,8 @@ def _check_values(job: JobConfig) -> list[str]:
         (ev.queries >= 1, "eval.queries", "must be >= 1"),
         (ev.inner_steps >= 0, "eval.inner_steps", "must be >= 0"),
         (ev.batch >= 1, "eval.batch", "must be >= 1"),
+        (not job.runtime.compile or job.runtime.path in ("auto", "batched"), "runtime.compile",
+         "needs runtime.path batched or auto"),
         (job.runtime.threads is None or job.runtime.threads >= 1, "runtime.threads", "must be >= 1 or null"),
     ]
     if t.dataset == "omniglot":

@@ -61,7 +61,7 @@ def _train(job: JobConfig, run_dir: Path, resume: bool, executor: Executor | Non
     device = resolve_device(job.runtime.device)
     model, sampler, optimizer = build_model(job), build_sampler(job), build_job_optimizer(job)
     executor = executor or LocalExecutor(model, build_job_algorithm(job), sampler, job.runtime.path,
-                                         job.runtime.precision, device)
+                                         job.runtime.precision, device, job.runtime.compile)
     phi, opt_state, first_step = _initial_state(job, model, optimizer, run_dir, resume, device)
     tr = job.train
     progress = Progress(tr.steps, tr.meta_batch, tr.time_limit_s, first_step)

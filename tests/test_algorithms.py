@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distmeta.algorithms import ALGORITHMS, PATHS, InnerLoop, build_algorithm, compute_contribution
+from distmeta.algorithms import ALGORITHMS, PATHS, InnerLoop, build_algorithm, compiled, compute_contribution
 from distmeta.algorithms.inner import adapt, expand_to_tasks
 from distmeta.algorithms.paths import one_task_at_a_time, sum_contributions
-from distmeta.models import conv4, mlp
+from distmeta.models import make_conv4, make_mlp
 from distmeta.models.conv4 import conv4_logits
 from distmeta.optim import adam, sgd
 from distmeta.types import TaskBatch
@@ -38,8 +38,8 @@ def relative_error(a: dict, b: dict) -> float:
 
 
 MODELS = {
-    "conv4": (lambda: conv4(ways=3, width=6), omniglot_like),
-    "mlp": (lambda: mlp(1, (8, 8), 1), regression_tasks),
+    "conv4": (lambda: make_conv4(ways=3, width=6), omniglot_like),
+    "mlp": (lambda: make_mlp(1, (8, 8), 1), regression_tasks),
 }
 
 
@@ -103,7 +103,7 @@ def test_second_order_meta_gradient_matches_finite_differences(model_name, float
 
 
 def test_first_order_differs_from_second_order_and_is_the_adapted_gradient(float64):
-    model = mlp(1, (8, 8), 1)
+    model = make_mlp(1, (8, 8), 1)
     phi = model.init(torch.Generator().manual_seed(4))
     tasks = regression_tasks(3)
     inner = InnerLoop(lr=0.2, steps=1)
@@ -155,7 +155,7 @@ def test_reptile_delta_matches_a_hand_computed_case(float64):
 
 
 def test_pretrain_is_the_plain_query_gradient_at_phi(float64):
-    model = mlp(1, (8,), 1)
+    model = make_mlp(1, (8,), 1)
     phi = model.init(torch.Generator().manual_seed(5))
     tasks = regression_tasks(3)
     result = compute_contribution(build_algorithm("pretrain", InnerLoop(0.1, 1)), model, phi, tasks, "batched")
@@ -166,7 +166,7 @@ def test_pretrain_is_the_plain_query_gradient_at_phi(float64):
 
 
 def test_head_only_adaptation_changes_only_the_head(float64):
-    model = conv4(ways=3, width=4)
+    model = make_conv4(ways=3, width=4)
     phi = model.init(torch.Generator().manual_seed(6))
     tasks = omniglot_like(2)
     leaves = {n: p.clone().requires_grad_() for n, p in phi.items()}
@@ -180,7 +180,7 @@ def test_head_only_adaptation_changes_only_the_head(float64):
 
 
 def test_contributions_of_slices_sum_to_the_whole_batch(float64):
-    model = mlp(1, (8,), 1)
+    model = make_mlp(1, (8,), 1)
     phi = model.init(torch.Generator().manual_seed(7))
     tasks = regression_tasks(6)
     alg = build_algorithm("maml", InnerLoop(0.1, 1))
@@ -193,7 +193,7 @@ def test_contributions_of_slices_sum_to_the_whole_batch(float64):
 
 
 def test_conv4_batch_norm_uses_each_tasks_own_statistics(float64):
-    model = conv4(ways=3, width=4)
+    model = make_conv4(ways=3, width=4)
     phi = model.init(torch.Generator().manual_seed(8))
     tasks = omniglot_like(3)
     losses, _ = model.batched_loss(expand_to_tasks(phi, 3), tasks.query)
@@ -209,7 +209,7 @@ def test_conv4_batch_norm_uses_each_tasks_own_statistics(float64):
 
 
 def test_one_task_at_a_time_rejects_nothing_and_keeps_shapes(float64):
-    model = mlp(1, (4,), 1)
+    model = make_mlp(1, (4,), 1)
     phi = expand_to_tasks(model.init(torch.Generator().manual_seed(9)), 1)
     tasks = regression_tasks(1)
     loss, metrics = one_task_at_a_time(model.loss)(phi, tasks.query)
@@ -231,3 +231,18 @@ def test_adam_matches_torch_optim_adam():
         torch_adam.step()
     for n in params:
         assert torch.allclose(params[n], reference[n].detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_batched_path_matches_the_eager_one():
+    model = make_conv4(ways=3, width=8)
+    phi = model.init(torch.Generator().manual_seed(11))
+    tasks = omniglot_like(4, queries=3)
+    fast = compiled(model.batched_loss)
+    for name in sorted(ALGORITHMS):
+        alg = build_algorithm(name, InnerLoop(lr=0.1, steps=2))
+        eager = compute_contribution(alg, model, phi, tasks, "batched")
+        result = compute_contribution(alg, model, phi, tasks, "batched", compiled_loss=fast)
+        assert relative_error(result.grad_sum, eager.grad_sum) < 1e-5, name
+    with pytest.raises(ValueError, match="only the batched path"):
+        compute_contribution(alg, model, phi, tasks, "loop", compiled_loss=fast)

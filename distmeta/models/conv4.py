@@ -114,7 +114,7 @@ def _batched_loss(params: Params, batch: Batch, downsample: str) -> tuple[Tensor
     return losses.view(labels.shape).mean(1), {"accuracy": accuracy}
 
 
-def conv4(
+def make_conv4(
     ways: int, in_channels: int = 1, width: int = 64, blocks: int = 4, downsample: str = "stride"
 ) -> TaskModel:
     """The conv4 classifier as a TaskModel.

@@ -1,4 +1,4 @@
-"""A ReLU MLP regressor: the MAML sinusoid model is ``mlp(1, (40, 40), 1)``."""
+"""A ReLU MLP regressor: the MAML sinusoid model is ``make_mlp(1, (40, 40), 1)``."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _loss(params: Params, batch: Batch) -> tuple[Tensor, Metrics]:
     return regression_loss(mlp_forward(params, inputs), targets)
 
 
-def mlp(inputs: int = 1, hidden: tuple[int, ...] = (40, 40), outputs: int = 1) -> TaskModel:
+def make_mlp(inputs: int = 1, hidden: tuple[int, ...] = (40, 40), outputs: int = 1) -> TaskModel:
     """The MLP as a TaskModel; its batched form is the generic ``vmap`` of the per-task loss."""
     return TaskModel(
         name="mlp",

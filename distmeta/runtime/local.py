@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch.utils._pytree import tree_map
 
-from distmeta.algorithms import Algorithm, compute_contribution
+from distmeta.algorithms import Algorithm, compiled, compute_contribution
 from distmeta.data.sampling import TaskSampler
 from distmeta.models import TaskModel
 from distmeta.types import Contribution, Params, TaskBatch
@@ -58,10 +58,18 @@ class LocalExecutor:
     """Runs the algorithm on this process's device, choosing the fastest path if asked."""
 
     def __init__(self, model: TaskModel, algorithm: Algorithm, sampler: TaskSampler, path: str = "auto",
-                 precision: str = "fp32", device: torch.device | str = "cpu") -> None:
+                 precision: str = "fp32", device: torch.device | str = "cpu", compile: bool = False) -> None:
+        """``compile`` runs the batched path with a compiled loss (``path`` auto then means batched).
+
+        Raises:
+            ValueError: ``compile`` with the vmap or loop path.
+        """
+        if compile and path not in ("auto", "batched"):
+            raise ValueError(f"runtime.compile needs path batched or auto, not {path!r}")
         self.model, self.algorithm, self.sampler = model, algorithm, sampler
         self.precision, self.device = precision, torch.device(device)
-        self.path = path
+        self.path = "batched" if compile else path
+        self.compiled_loss = compiled(model.batched_loss) if compile else None
 
     def tasks(self, step: int, start: int, stop: int) -> TaskBatch:
         return to_device(self.sampler.sample("train", step, start, stop), self.device)
@@ -71,7 +79,7 @@ class LocalExecutor:
         if self.path == "auto":
             self.path = self._fastest_path(phi, tasks)
         with precision_context(self.precision, self.device):
-            return compute_contribution(self.algorithm, self.model, phi, tasks, self.path)
+            return compute_contribution(self.algorithm, self.model, phi, tasks, self.path, self.compiled_loss)
 
     def _fastest_path(self, phi: Params, tasks: TaskBatch, repeats: int = 2) -> str:
         """Time each candidate path on real tasks (after a warm-up) and keep the fastest."""
