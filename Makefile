@@ -23,5 +23,9 @@ train: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-bench: setup
-	$(VENV)/bin/python bench/meta_step.py
+# The benchmark runs in its own venv with the anchors (learn2learn, TorchOpt, higher) beside distmeta.
+bench:
+	bash bench/install_anchors.sh .venv-bench/bin/python
+	.venv-bench/bin/pip install --quiet -c bench/constraints.txt pyyaml tensorboardX matplotlib
+	.venv-bench/bin/pip install --quiet --no-deps -e .
+	.venv-bench/bin/python bench/meta_step.py

@@ -25,7 +25,8 @@ The libraries are optional benchmark extras (install them with
 importing this module does not import any anchor.
 
 Public API: ``ANCHORS``, ``available_anchors``, ``OmniglotConv4``,
-``build_model``, ``make_anchor``, ``anchor_meta_gradient``.
+``build_model``, ``make_anchor`` (returns an ``AnchorStep``),
+``anchor_meta_gradient``.
 Run ``python bench/anchors.py`` for a timing + gradient-agreement sanity check.
 """
 
@@ -46,11 +47,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "ANCHORS",
-    "available_anchors",
+    "AnchorStep",
     "OmniglotConv4",
+    "anchor_meta_gradient",
+    "available_anchors",
     "build_model",
     "make_anchor",
-    "anchor_meta_gradient",
 ]
 
 ANCHORS: tuple[str, ...] = ("learn2learn", "torchopt", "higher")
@@ -86,10 +88,12 @@ class OmniglotConv4(nn.Module):
 def build_model(
     n_way: int, seed: int = 0, params: Mapping[str, Tensor] | None = None
 ) -> OmniglotConv4:
-    """The shared model, initialised from ``torch.manual_seed(seed)`` (PyTorch
-    default init), or with ``params`` (names as in ``named_parameters()``)."""
-    torch.manual_seed(seed)
-    model = OmniglotConv4(n_way)
+    """The shared model with PyTorch's default init drawn after
+    ``torch.manual_seed(seed)`` (the caller's RNG state is left untouched),
+    or with ``params`` copied in (names as in ``named_parameters()``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = OmniglotConv4(n_way)
     if params is not None:
         missing = set(dict(model.named_parameters())) - set(params)
         if missing:
@@ -112,16 +116,17 @@ def _import_anchor(name: str):
         return importlib.import_module(name)
 
 
+def _importable(name: str) -> bool:
+    try:
+        _import_anchor(name)
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+    return True
+
+
 def available_anchors() -> list[str]:
     """The anchors whose library imports in this environment."""
-    found = []
-    for name in ANCHORS:
-        try:
-            _import_anchor(name)
-        except Exception:  # noqa: BLE001 - any failure means "not usable here"
-            continue
-        found.append(name)
-    return found
+    return [name for name in ANCHORS if _importable(name)]
 
 
 # --------------------------------------------------------------------------
@@ -426,11 +431,13 @@ def _main() -> None:
     parser.add_argument("--queries", type=int, nargs="+", default=[15, 1])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-timing", action="store_true", help="only the gradient check")
+    parser.add_argument("--no-grad-check", action="store_true", help="only the timings")
+    parser.add_argument("--anchors", nargs="+", choices=ANCHORS, default=list(ANCHORS))
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    names = available_anchors()
-    missing = [n for n in ANCHORS if n not in names]
+    names = [n for n in available_anchors() if n in args.anchors]
+    missing = [n for n in args.anchors if n not in names]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; anchors: {names}"
           + (f" (not importable: {missing})" if missing else ""))
     if not names:
@@ -440,6 +447,8 @@ def _main() -> None:
         print()
         _time_anchors(names, args.tasks, args.queries, args.iters)
 
+    if args.no_grad_check:
+        return
     print()
     if len(names) < 2:
         print("gradient agreement: needs at least two anchors")

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distmeta.algorithms import InnerLoop, build_algorithm, compute_contribution  # noqa: E402
+from distmeta.algorithms import InnerLoop, build_algorithm, compiled, compute_contribution  # noqa: E402
 from distmeta.data.omniglot import load_omniglot  # noqa: E402
 from distmeta.data.omniglot_tasks import OmniglotTasks  # noqa: E402
-from distmeta.models import conv4  # noqa: E402
+from distmeta.models import make_conv4  # noqa: E402
 from distmeta.optim import adam  # noqa: E402
 from distmeta.runtime.local import precision_context, to_device  # noqa: E402
 from distmeta.types import TaskBatch  # noqa: E402
@@ -34,8 +34,9 @@ from distmeta.types import TaskBatch  # noqa: E402
 WAYS, SHOTS, META_BATCH, INNER_LR = 5, 1, 32, 0.4
 
 
-def ours(algorithm: str, path: str, precision: str, device: torch.device) -> Callable[[TaskBatch], float]:
+def ours(algorithm: str, path: str, precision: str, compile: bool, device: torch.device) -> Callable[[TaskBatch], float]:
     model = make_conv4(WAYS)
+    fast = compiled(model.batched_loss) if compile else None
     alg = build_algorithm(algorithm, InnerLoop(INNER_LR, 1))
     phi = {n: p.to(device) for n, p in model.init(torch.Generator().manual_seed(0)).items()}
     optimizer = adam(1e-3)
@@ -43,7 +44,7 @@ def ours(algorithm: str, path: str, precision: str, device: torch.device) -> Cal
 
     def iteration(tasks: TaskBatch) -> float:
         with precision_context(precision, device):
-            c = compute_contribution(alg, model, state["phi"], tasks, path)
+            c = compute_contribution(alg, model, state["phi"], tasks, path, fast)
         grads = {n: g / c.num_tasks for n, g in c.grad_sum.items()}
         state["phi"], state["opt"] = optimizer.update(state["phi"], grads, state["opt"])
         return c.metrics["loss"].item() / c.num_tasks
@@ -51,23 +52,26 @@ def ours(algorithm: str, path: str, precision: str, device: torch.device) -> Cal
     return iteration
 
 
-def anchor(name: str, algorithm: str) -> Callable[[TaskBatch], float]:
+def anchor(name: str, algorithm: str, device: torch.device) -> Callable[[TaskBatch], float]:
     from anchors import make_anchor
 
     step = make_anchor(name, n_way=WAYS, inner_lr=INNER_LR, inner_steps=1, first_order=algorithm == "fomaml")
+    step.model.to(device)  # in place: the anchor's optimizer keeps the same parameters
     return lambda tasks: step(tasks.support[0], tasks.support[1], tasks.query[0], tasks.query[1])
 
 
 def methods(algorithm: str, device: torch.device, with_anchors: bool) -> dict[str, Callable]:
-    found = {f"distmeta {path} {precision}": ours(algorithm, path, precision, device)
-             for path, precision in (("batched", "fp32"), ("batched", "bf16"), ("vmap", "fp32"), ("loop", "fp32"))}
+    variants = (("batched", "fp32", False), ("batched", "fp32", True), ("batched", "bf16", True), ("vmap", "fp32", False),
+                ("loop", "fp32", False))
+    found = {f"distmeta {path}{'+compile' if compile else ''} {precision}": ours(algorithm, path, precision, compile, device)
+             for path, precision, compile in variants}
     if with_anchors and algorithm in ("maml", "fomaml"):
         try:
             from anchors import available_anchors
         except ImportError:
             available_anchors = lambda: []  # noqa: E731
         for name in available_anchors():
-            found[name] = anchor(name, algorithm)
+            found[name] = anchor(name, algorithm, device)
     return found
 
 
