@@ -2,7 +2,8 @@
 # and `make test` (set up + run the whole test suite, as CI does).
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU wheel of torch 2.13 (CI and tests). GPU users: TORCH="torch>=2.13" picks pip's CUDA build.
+# torch 2.13 (CI gets the local CPU wheel). CPU-only elsewhere:
+#   TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 SHARED_OMNIGLOT := $(abspath ../shared/data/omniglot)
 # Use the shared Omniglot copy when it sits beside the checkout; otherwise the loader downloads it.
@@ -13,12 +14,12 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "$(TORCH)"
+	$(VENV)/bin/pip install --quiet $(TORCH)
 	$(VENV)/bin/pip install --quiet -e ".[test]"
 	touch $@
 
 train: setup
-	$(VENV)/bin/distmeta train jobs/omniglot_5w1s_smoke.yaml --out runs/omniglot_5w1s_smoke
+	$(VENV)/bin/distmeta train jobs/omniglot_5w1s_smoke.yaml
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distmeta.algorithms import InnerLoop, build_algorithm, compiled, compute_contribution  # noqa: E402
 from distmeta.data.omniglot import load_omniglot  # noqa: E402
 from distmeta.data.omniglot_tasks import OmniglotTasks  # noqa: E402
+from distmeta.device import precision_context, to_device  # noqa: E402
 from distmeta.models import make_conv4  # noqa: E402
 from distmeta.optim import adam  # noqa: E402
-from distmeta.runtime.local import precision_context, to_device  # noqa: E402
 from distmeta.types import TaskBatch  # noqa: E402
 
 WAYS, SHOTS, META_BATCH, INNER_LR = 5, 1, 32, 0.4

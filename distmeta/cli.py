@@ -7,15 +7,23 @@ import logging
 import sys
 from pathlib import Path
 
-from distmeta.config import ConfigError, load_job
+from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job
+from distmeta.data.omniglot import DataError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from distmeta.train import train
+    from distmeta.train import load_run_job, train
 
-    job = load_job(args.job, args.set)
-    out = args.out if args.out or not args.resume else args.resume
-    summary = train(job, out, resume=bool(args.resume))
+    if args.resume:
+        if args.job or args.out:
+            raise ConfigError(["--resume RUN_DIR continues that run with its own config.json: "
+                               "give no job file and no --out"], "train")
+        job = job_from_dict(apply_overrides(job_to_dict(load_run_job(args.resume)), args.set), args.resume)
+        summary = train(job, args.resume, resume=True)
+    elif args.job:
+        summary = train(load_job(args.job, args.set), args.out)
+    else:
+        raise ConfigError(["give a job file, or --resume RUN_DIR"], "train")
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -24,7 +32,8 @@ def _eval(args: argparse.Namespace) -> int:
     from distmeta.evaluate import evaluate_run
 
     report = evaluate_run(args.run_dir, args.tasks, args.steps, args.split, args.round)
-    (Path(args.run_dir) / f"eval_{report['split']}_{report['steps']}steps.json").write_text(json.dumps(report, indent=2))
+    name = f"eval_{report['split']}_{report['steps']}steps_round{report['round']}.json"
+    (Path(args.run_dir) / name).write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report))
     else:
@@ -42,10 +51,15 @@ def _toy(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    failed = 0
     for path in args.jobs:
-        load_job(path, args.set)
-        print(f"{path}: ok")
-    return 0
+        try:
+            load_job(path, args.set)
+            print(f"{path}: ok")
+        except (ConfigError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,11 +67,13 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="meta-train a job file into a run directory")
-    train.add_argument("job", help="YAML job file (see jobs/)")
+    train.add_argument("job", nargs="?", help="YAML job file (see jobs/); omitted with --resume")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a job key, e.g. --set train.steps=100 (repeatable)")
-    train.add_argument("--out", help="run directory (default runs/<name>-<time>)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
+                       help="override a job key, e.g. --set train.steps=100 (repeatable); "
+                            "with --resume only train.* keys may change")
+    train.add_argument("--out", help="run directory (default runs/<name>-<date>-<time>); must hold no run yet")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its newest checkpoint, with its own config")
     train.set_defaults(run=_train)
 
     ev = commands.add_parser("eval", help="re-evaluate a run's checkpoint on fresh tasks")
@@ -85,11 +101,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from distmeta.train import NonFiniteError
+
     try:
         return args.run(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (DataError, FileNotFoundError, FileExistsError, NonFiniteError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

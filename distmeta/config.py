@@ -6,19 +6,19 @@ keys, wrong types and impossible values with messages that name the key and what
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import re
-
 import yaml
 
-DRAWINGS_PER_CHARACTER = 20
-VINYALS_TRAIN_CHARACTERS = 1200
-VINYALS_TEST_CHARACTERS = 423
+from distmeta.data.omniglot import DRAWINGS_PER_CHARACTER, EXPECTED_CHARACTERS, VINYALS_TRAIN_CHARACTERS
+
+VINYALS_TEST_CHARACTERS = sum(EXPECTED_CHARACTERS.values()) - VINYALS_TRAIN_CHARACTERS
 
 
 class _Loader(yaml.SafeLoader):
@@ -192,16 +192,17 @@ def _check_values(job: JobConfig) -> list[str]:
         (t.val_characters >= 1, "task.val_characters", "must be >= 1"),
         (bool(t.rotations) and all(r in (0, 90, 180, 270) for r in t.rotations) and len(set(t.rotations)) == len(t.rotations),
          "task.rotations", "must be distinct values from 0, 90, 180, 270"),
-        (a.inner_lr >= 0, "algorithm.inner_lr", "must be >= 0"),
+        (math.isfinite(a.inner_lr) and a.inner_lr >= 0, "algorithm.inner_lr", "must be finite and >= 0"),
         (a.inner_steps >= (0 if a.name == "pretrain" else 1), "algorithm.inner_steps", "must be >= 1"),
         (bool(a.adapt), "algorithm.adapt", "must name at least one pattern"),
-        (job.optimizer.lr > 0, "optimizer.lr", "must be > 0"),
+        (math.isfinite(job.optimizer.lr) and job.optimizer.lr > 0, "optimizer.lr", "must be finite and > 0"),
         (tr.steps >= 1, "train.steps", "must be >= 1"),
         (tr.meta_batch >= 1, "train.meta_batch", "must be >= 1"),
-        (tr.time_limit_s is None or tr.time_limit_s > 0, "train.time_limit_s", "must be > 0 or null"),
+        (tr.time_limit_s is None or 0 < tr.time_limit_s < math.inf, "train.time_limit_s", "must be > 0 and finite, or null"),
         (tr.log_every >= 1, "train.log_every", "must be >= 1"),
-        (tr.val_every >= 0, "train.val_every", "must be >= 0"),
-        (tr.val_tasks >= 1, "train.val_tasks", "must be >= 1"),
+        (tr.val_every >= 0 and tr.val_every % tr.log_every == 0, "train.val_every",
+         "must be 0 (off) or a multiple of train.log_every (validation is logged with a step's row)"),
+        (tr.val_tasks >= 2, "train.val_tasks", "must be >= 2 (a confidence interval needs two)"),
         (tr.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1"),
         (tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1"),
         (ev.tasks >= 2, "eval.tasks", "must be >= 2 (a confidence interval needs two)"),

@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 
 from distmeta.algorithms import InnerLoop, adaptation_curve
+from distmeta.checkpoint import latest_checkpoint, load_checkpoint
+from distmeta.components import build_model, build_sampler, eval_inner_loop, with_queries
+from distmeta.config import job_from_dict
 from distmeta.data.sampling import TaskSampler
+from distmeta.device import precision_context, resolve_device, to_device
 from distmeta.models import TaskModel
-from distmeta.runtime.local import precision_context, to_device
 from distmeta.types import Params
 
 
@@ -55,22 +58,27 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
     """Re-evaluate a run directory's final checkpoint on freshly drawn tasks.
 
     ``round_index`` 1 differs from the tasks scored at the end of training (round 0).
-    Returns the metrics plus ``tasks``, ``steps``, ``split`` and, for classifiers,
-    ``accuracy`` and ``ci95``.
-    """
-    from distmeta.checkpoint import latest_checkpoint, load_checkpoint
-    from distmeta.components import build_model, build_sampler, eval_inner_loop, with_queries
-    from distmeta.config import job_from_dict
+    Returns the metrics plus ``tasks``, ``steps``, ``split``, ``round``, ``metric`` and
+    ``ci95`` (of accuracy for classifiers, of MSE for regression).
 
+    Raises:
+        ValueError: fewer than 2 tasks, or a negative round or step count.
+        FileNotFoundError: no checkpoint in the run directory.
+    """
     run_dir = Path(run_dir)
     job = job_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    tasks = job.eval.tasks if tasks is None else tasks
+    if tasks < 2 or round_index < 0 or (steps is not None and steps < 0):
+        raise ValueError(f"need tasks >= 2, round >= 0 and steps >= 0; got {tasks}, {round_index}, {steps}")
+    if job.runtime.threads:
+        torch.set_num_threads(job.runtime.threads)
     state = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
     inner = eval_inner_loop(job, steps)
     split = split or job.eval.split
     sampler = with_queries(build_sampler(job), job.eval.queries)
-    report = evaluate(build_model(job), state["phi"], sampler, split, tasks or job.eval.tasks, inner,
-                      job.eval.batch, round_index)[inner.steps]
-    return headline(report) | {"steps": inner.steps, "split": split}
+    report = evaluate(build_model(job), state["phi"], sampler, split, tasks, inner, job.eval.batch, round_index,
+                      resolve_device(job.runtime.device), job.runtime.precision)[inner.steps]
+    return headline(report) | {"steps": inner.steps, "split": split, "round": round_index}
 
 
 def headline(report: dict[str, float]) -> dict[str, float]:

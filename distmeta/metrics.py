@@ -14,13 +14,26 @@ log = logging.getLogger("distmeta")
 class MetricsLog:
     """One CSV row per logged step plus TensorBoard scalars."""
 
-    def __init__(self, run_dir: str | Path, append: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
+        """With ``resume_step``, continue the run's files, dropping what was logged after that
+        step (it is about to be recomputed), so steps stay unique and increasing."""
         self.path = Path(run_dir) / "metrics.csv"
-        self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.columns: list[str] | None = None
-        if append and self.path.exists():
+        purge = None
+        if resume_step is not None and self.path.exists():
             with open(self.path, newline="") as handle:
-                self.columns = next(csv.reader(handle), None)
+                reader = csv.DictReader(handle)
+                self.columns = list(reader.fieldnames or []) or None
+                kept = [row for row in reader if int(row["step"]) <= resume_step]
+            self._rewrite(kept)
+            purge = resume_step + 1
+        self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns or [])
+            writer.writeheader()
+            writer.writerows(rows)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Append a row; a metric seen for the first time (e.g. the first validation)
@@ -28,12 +41,12 @@ class MetricsLog:
         row = {"step": step, **values}
         new = [c for c in row if c not in (self.columns or [])]
         if new:
-            old_rows = list(csv.DictReader(open(self.path, newline=""))) if self.columns else []
+            old_rows = []
+            if self.columns:
+                with open(self.path, newline="") as handle:
+                    old_rows = list(csv.DictReader(handle))
             self.columns = (self.columns or []) + new
-            with open(self.path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, self.columns)
-                writer.writeheader()
-                writer.writerows(old_rows)
+            self._rewrite(old_rows)
         with open(self.path, "a", newline="") as handle:
             csv.DictWriter(handle, self.columns).writerow(row)
         for name, value in values.items():
@@ -47,22 +60,32 @@ class Progress:
     """Periodic progress lines: step, tasks/s and ETA against the step or time budget."""
 
     def __init__(self, total_steps: int, tasks_per_step: int, time_limit_s: float | None,
-                 first_step: int = 0) -> None:
+                 first_step: int = 0, elapsed_before_s: float = 0.0) -> None:
+        """``elapsed_before_s``: training time of earlier sessions of a resumed run, which
+        counts against the time limit."""
         self.total, self.tasks_per_step, self.time_limit = total_steps, tasks_per_step, time_limit_s
-        self.first_step, self.start = first_step, time.perf_counter()
+        self.first_step, self.before, self.start = first_step, elapsed_before_s, time.perf_counter()
 
-    def elapsed(self) -> float:
+    def session_elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def elapsed(self) -> float:
+        """Training time of the whole run so far."""
+        return self.before + self.session_elapsed()
+
+    def out_of_time(self) -> bool:
+        return self.time_limit is not None and self.elapsed() >= self.time_limit
+
     def tasks_per_s(self, step: int) -> float:
-        return (step - self.first_step) * self.tasks_per_step / max(self.elapsed(), 1e-9)
+        """Throughput of this session."""
+        return (step - self.first_step) * self.tasks_per_step / max(self.session_elapsed(), 1e-9)
 
     def line(self, step: int, values: dict[str, float]) -> str:
         done = step - self.first_step
-        eta = (self.total - step) * self.elapsed() / max(done, 1)
+        eta = (self.total - step) * self.session_elapsed() / max(done, 1)
         if self.time_limit is not None:
             eta = min(eta, max(self.time_limit - self.elapsed(), 0.0))
-        shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+        shown = " ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "tasks_per_s")
         return (f"step {step}/{self.total} {shown} | {self.tasks_per_s(step):.1f} tasks/s | "
                 f"elapsed {_clock(self.elapsed())} eta {_clock(eta)}")
 
@@ -71,3 +94,43 @@ def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def plot_learning_curve(run_dir: str | Path) -> Path:
+    """``learning_curve.png`` from ``metrics.csv``: training loss and train/val accuracy
+    (or MSE) against meta-steps, with the validation 95% band where there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    series = lambda key: [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]  # noqa: E731
+    metric = "accuracy" if any(r.get("train_accuracy") for r in rows) else "mse"
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps, losses = zip(*series("train_loss"))
+    left.plot(steps, losses, label="train query loss (after adaptation)")
+    if series("val_loss"):
+        left.plot(*zip(*series("val_loss")), "o-", label="val query loss")
+    left.set_xlabel("meta-step")
+    left.set_yscale("log")
+    left.legend()
+    if series(f"train_{metric}"):
+        right.plot(*zip(*series(f"train_{metric}")), label=f"train {metric}")
+    if series(f"val_{metric}"):
+        val_steps, values = zip(*series(f"val_{metric}"))
+        _, half = zip(*series(f"val_{metric}_ci95"))
+        right.errorbar(val_steps, values, yerr=half, fmt="o-", capsize=3, label=f"val {metric} (95% CI)")
+    right.set_xlabel("meta-step")
+    right.set_ylabel(metric)
+    right.grid(alpha=0.3)
+    if right.get_legend_handles_labels()[0]:
+        right.legend()
+    figure.suptitle(run_dir.name)
+    figure.tight_layout()
+    path = run_dir / "learning_curve.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

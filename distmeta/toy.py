@@ -18,7 +18,8 @@ import torch  # noqa: E402
 
 from distmeta.algorithms import InnerLoop, adapt  # noqa: E402
 from distmeta.algorithms.inner import expand_to_tasks  # noqa: E402
-from distmeta.components import build_model, build_sampler  # noqa: E402
+from distmeta.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from distmeta.components import build_model, build_sampler, eval_inner_loop  # noqa: E402
 from distmeta.config import JobConfig, job_from_dict  # noqa: E402
 from distmeta.evaluate import evaluate  # noqa: E402
 from distmeta.models.mlp import mlp_forward  # noqa: E402
@@ -30,19 +31,20 @@ log = logging.getLogger("distmeta")
 METHODS = ("maml", "pretrain")
 REPORTED_STEPS = (1, 5, 10)
 DEFAULT_STEPS = 15000
+INNER_LR, SHOTS, EVAL_TASKS = 0.01, 10, 600
 
 
 def toy_job(method: str, steps: int, seed: int) -> JobConfig:
     """The paper's sinusoid settings: K = 10, MLP 1-40-40-1, α = 0.01, meta-batch 25, Adam 1e-3."""
     return job_from_dict({
         "name": f"toy_{method}", "seed": seed,
-        "task": {"dataset": "sinusoid", "shots": 10, "queries": 10},
+        "task": {"dataset": "sinusoid", "shots": SHOTS, "queries": 10},
         "model": {"name": "mlp", "hidden": [40, 40]},
-        "algorithm": {"name": method, "inner_lr": 0.01, "inner_steps": 1},
+        "algorithm": {"name": method, "inner_lr": INNER_LR, "inner_steps": 1},
         "optimizer": {"name": "adam", "lr": 1e-3},
         "train": {"steps": steps, "meta_batch": 25, "log_every": max(steps // 20, 1), "val_every": 0,
                   "checkpoint_every": steps},
-        "eval": {"tasks": 600, "inner_steps": 10},
+        "eval": {"tasks": EVAL_TASKS, "inner_steps": max(REPORTED_STEPS)},
         "runtime": {"path": "batched", "device": "cpu"},
     })
 
@@ -51,15 +53,14 @@ def run_toy(out_dir: str | Path, steps: int | None = None, seed: int = 0) -> dic
     """Train both methods, score them after 1/5/10 adaptation steps, write table + figure."""
     out_dir = Path(out_dir)
     steps = steps or DEFAULT_STEPS
-    summary: dict = {"train_steps": steps, "seed": seed, "eval_tasks": 600, "inner_lr": 0.01, "shots": 10}
+    summary: dict = {"train_steps": steps, "seed": seed, "eval_tasks": EVAL_TASKS, "inner_lr": INNER_LR, "shots": SHOTS}
     trained: dict[str, Params] = {}
     for method in METHODS:
         job = toy_job(method, steps, seed)
         train(job, out_dir / method)
-        trained[method] = torch.load(sorted((out_dir / method / "checkpoints").glob("*.pt"))[-1],
-                                     weights_only=True)["phi"]
-        report = evaluate(build_model(job), trained[method], build_sampler(job), "test", 600,
-                          InnerLoop(0.01, 10), batch=600, record_at=(0, *REPORTED_STEPS))
+        trained[method] = load_checkpoint(latest_checkpoint(out_dir / method / "checkpoints"))["phi"]
+        report = evaluate(build_model(job), trained[method], build_sampler(job), "test", job.eval.tasks,
+                          eval_inner_loop(job), batch=job.eval.tasks, record_at=(0, *REPORTED_STEPS))
         summary[method] = {"mse": {str(k): report[k]["mse"] for k in report},
                            "mse_ci95": {str(k): report[k]["mse_ci95"] for k in report}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -107,6 +108,6 @@ def _adapted_prediction(model, phi: Params, support, steps: int, grid: torch.Ten
     params = expand_to_tasks({n: p.detach().requires_grad_() for n, p in phi.items()}, 1)
     if steps:
         with torch.enable_grad():
-            params = adapt(model.batched_loss, params, support, InnerLoop(0.01, steps), create_graph=False)
+            params = adapt(model.batched_loss, params, support, InnerLoop(INNER_LR, steps), create_graph=False)
     with torch.no_grad():
         return mlp_forward({n: p[0] for n, p in params.items()}, grid)

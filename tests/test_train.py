@@ -10,7 +10,9 @@ import torch
 
 from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
+from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import load_job
+from distmeta.runtime import LocalExecutor
 from distmeta.train import NonFiniteError, train
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -42,29 +44,78 @@ def test_omniglot_smoke_job_learns_far_above_chance(omniglot_env, tmp_path, caps
 
 def sinusoid_job(steps: int, *overrides: str):
     return load_job(JOBS / "sinusoid_smoke.yaml", [f"train.steps={steps}", "train.checkpoint_every=10",
-                                                    "eval.tasks=20", "train.val_every=0", *overrides])
+                                                    "train.log_every=5", "eval.tasks=20", "train.val_every=0",
+                                                    "runtime.path=batched", *overrides])
 
 
-def test_training_is_deterministic_and_resume_gives_the_same_phi(tmp_path):
+class FailingExecutor(LocalExecutor):
+    """The in-process executor, but step ``fail_at`` crashes (or returns a NaN gradient)."""
+
+    def __init__(self, job, fail_at: int, nan: bool = False):
+        super().__init__(build_model(job), build_job_algorithm(job), build_sampler(job), "batched")
+        self.fail_at, self.nan = fail_at, nan
+
+    def contribution(self, phi, step, meta_batch):
+        result = super().contribution(phi, step, meta_batch)
+        if step == self.fail_at:
+            if not self.nan:
+                raise RuntimeError("simulated crash")
+            result.grad_sum["layer1.weight"][0, 0] = float("nan")
+        return result
+
+
+def final_phi(run_dir: Path) -> dict:
+    return load_checkpoint(checkpoints(run_dir / "checkpoints")[-1])["phi"]
+
+
+def test_a_crashed_run_resumed_from_the_cli_ends_with_the_same_phi(tmp_path, capsys):
     full = train(sinusoid_job(30), tmp_path / "full")
-    train(sinusoid_job(20), tmp_path / "resumed")
-    resumed = train(sinusoid_job(30), tmp_path / "resumed", resume=True)
-    again = train(sinusoid_job(30), tmp_path / "again")
-    phis = [load_checkpoint(checkpoints(tmp_path / d / "checkpoints")[-1])["phi"] for d in ("full", "resumed", "again")]
-    for name in phis[0]:
-        assert torch.equal(phis[0][name], phis[1][name]), name
-        assert torch.equal(phis[0][name], phis[2][name]), name
-    assert full["test_mse"] == resumed["test_mse"] == again["test_mse"]
-    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "resumed" / "metrics.csv"))]
-    assert steps == sorted(steps) and steps[-1] == 30
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(sinusoid_job(30), tmp_path / "crashed", executor=FailingExecutor(sinusoid_job(30), fail_at=24))
+    assert [p.name for p in checkpoints(tmp_path / "crashed" / "checkpoints")] == ["step_00000010.pt", "step_00000020.pt"]
+    assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
+    resumed = json.loads((tmp_path / "crashed" / "summary.json").read_text())
+    for name, value in final_phi(tmp_path / "full").items():
+        assert torch.equal(value, final_phi(tmp_path / "crashed")[name]), name
+    assert resumed["test_mse"] == full["test_mse"] and resumed["steps"] == 30
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "crashed" / "metrics.csv"))]
+    assert steps == [5, 10, 15, 20, 25, 30]  # rows logged after the checkpoint were recomputed, not duplicated
+
+
+def test_training_twice_is_deterministic(tmp_path):
+    first, second = train(sinusoid_job(20), tmp_path / "a"), train(sinusoid_job(20), tmp_path / "b")
+    assert first["test_mse"] == second["test_mse"]
+    for name, value in final_phi(tmp_path / "a").items():
+        assert torch.equal(value, final_phi(tmp_path / "b")[name])
+
+
+def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_math(tmp_path, capsys):
+    train(sinusoid_job(10), tmp_path / "run")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(sinusoid_job(10), tmp_path / "run")
+    with pytest.raises(ValueError, match="algorithm.inner_lr changed"):
+        train(sinusoid_job(20, "algorithm.inner_lr=0.5"), tmp_path / "run", resume=True)
+    assert main(["train", str(JOBS / "sinusoid_smoke.yaml"), "--resume", str(tmp_path / "run")]) == 2
+    assert "give no job file" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=20"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20
 
 
 def test_non_finite_meta_gradient_stops_with_checkpoints_intact(tmp_path):
-    job = sinusoid_job(30, "algorithm.inner_lr=1e30")
-    with pytest.raises(NonFiniteError, match="non-finite meta-gradient at step 0"):
-        train(job, tmp_path / "nan")
-    for path in checkpoints(tmp_path / "nan" / "checkpoints"):
-        assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["phi"].values())
+    job = sinusoid_job(30)
+    with pytest.raises(NonFiniteError, match="non-finite meta-gradient at step 15 in layer1.weight"):
+        train(job, tmp_path / "nan", executor=FailingExecutor(job, fail_at=15, nan=True))
+    saved = checkpoints(tmp_path / "nan" / "checkpoints")
+    assert [p.name for p in saved] == ["step_00000010.pt"]
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(saved[0])["phi"].values())
+
+
+def test_time_limit_stops_training_and_still_reports(tmp_path):
+    summary = train(sinusoid_job(100000, "train.time_limit_s=0.5"), tmp_path / "run")
+    assert 1 <= summary["steps"] < 100000
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert int(rows[-1]["step"]) == summary["steps"]  # the last partial window is logged too
+    assert (tmp_path / "run" / "learning_curve.png").exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
@@ -73,7 +124,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_sinusoid_maml_reduces_the_adapted_loss(tmp_path):
-    summary = train(sinusoid_job(1500, "eval.tasks=200"), tmp_path / "run")
+    summary = train(sinusoid_job(1500, "eval.tasks=200", "train.log_every=50"), tmp_path / "run")
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
     assert summary["test_mse"] < 1.5

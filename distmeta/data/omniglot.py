@@ -23,6 +23,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from distmeta.data.sampling import SPLITS
+
 log = logging.getLogger("distmeta.data")
 
 OMNIGLOT_SOURCES: dict[str, tuple[str, str]] = {
@@ -45,7 +47,6 @@ IMAGE_SIZE = 28
 PREPROCESS_VERSION = 1  # bump when the decoding/resizing below changes, so old caches are ignored
 VINYALS_TRAIN_CHARACTERS = 1200
 PROTOCOLS = ("vinyals", "alphabet")
-SPLITS = ("train", "val", "test")
 
 
 class DataError(ValueError):

@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from distmeta.data.omniglot import DRAWINGS_PER_CHARACTER as DRAWINGS
 from distmeta.data.omniglot import Omniglot, omniglot_split
 from distmeta.data.sampling import SPLITS, task_rng
 from distmeta.types import TaskBatch
-
-DRAWINGS = 20
 
 
 @dataclass(frozen=True, eq=False)

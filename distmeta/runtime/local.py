@@ -6,16 +6,15 @@ computes each slice's contribution elsewhere with the same functions, and sums t
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Protocol
 
 import torch
-from torch.utils._pytree import tree_map
 
 from distmeta.algorithms import Algorithm, compiled, compute_contribution
 from distmeta.data.sampling import TaskSampler
+from distmeta.device import precision_context, to_device
 from distmeta.models import TaskModel
 from distmeta.types import Contribution, Params, TaskBatch
 
@@ -30,42 +29,12 @@ class Executor(Protocol):
     def contribution(self, phi: Params, step: int, meta_batch: int) -> Contribution: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU.
-
-    Raises:
-        ValueError: ``cuda`` asked for where there is none.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("runtime.device is 'cuda' but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast (fp32 master weights and loss) or nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(tasks: TaskBatch, device: torch.device) -> TaskBatch:
-    return TaskBatch(*tree_map(lambda t: t.to(device, non_blocking=True), tuple(tasks)))
-
-
 class LocalExecutor:
     """Runs the algorithm on this process's device, choosing the fastest path if asked."""
 
     def __init__(self, model: TaskModel, algorithm: Algorithm, sampler: TaskSampler, path: str = "auto",
                  precision: str = "fp32", device: torch.device | str = "cpu", compile: bool = False) -> None:
-        """``compile`` runs the batched path with a compiled loss (``path`` auto then means batched).
-
-        Raises:
-            ValueError: ``compile`` with the vmap or loop path.
-        """
-        if compile and path not in ("auto", "batched"):
-            raise ValueError(f"runtime.compile needs path batched or auto, not {path!r}")
+        """``compile`` runs the batched path with a compiled loss (``path`` auto then means batched)."""
         self.model, self.algorithm, self.sampler = model, algorithm, sampler
         self.precision, self.device = precision, torch.device(device)
         self.path = "batched" if compile else path
@@ -87,6 +56,8 @@ class LocalExecutor:
         for path in AUTO_CANDIDATES:
             with precision_context(self.precision, self.device):
                 compute_contribution(self.algorithm, self.model, phi, tasks, path)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
                 for _ in range(repeats):
                     compute_contribution(self.algorithm, self.model, phi, tasks, path)

@@ -1,0 +1,34 @@
+"""Device and precision: where tensors live and whether matrix work runs in bf16."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils._pytree import tree_map
+
+from distmeta.types import TaskBatch
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU.
+
+    Raises:
+        ValueError: ``cuda`` asked for where there is none.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("runtime.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast (parameters, their gradients and the loss stay fp32) or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(tasks: TaskBatch, device: torch.device) -> TaskBatch:
+    """A task batch with every tensor moved to ``device``."""
+    return TaskBatch(*tree_map(lambda t: t.to(device, non_blocking=True), tuple(tasks)))
