@@ -208,7 +208,7 @@ def test_conv4_batch_norm_uses_each_tasks_own_statistics(float64):
     assert conv4_logits(phi, tasks.query[0][0]).shape == (6, 3)
 
 
-def test_one_task_at_a_time_rejects_nothing_and_keeps_shapes(float64):
+def test_one_task_at_a_time_keeps_the_batched_shapes(float64):
     model = make_mlp(1, (4,), 1)
     phi = expand_to_tasks(model.init(torch.Generator().manual_seed(9)), 1)
     tasks = regression_tasks(1)
