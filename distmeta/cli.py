@@ -14,6 +14,8 @@ from distmeta.data.omniglot import DataError
 def _train(args: argparse.Namespace) -> int:
     from distmeta.train import load_run_job, train
 
+    args.set += [f"runtime.workers={args.workers}"] * (args.workers is not None)
+    args.set += [f"runtime.address={args.address}"] * (args.address is not None)
     if args.resume:
         if args.job or args.out:
             raise ConfigError(["--resume RUN_DIR continues that run with its own config.json: "
@@ -70,10 +72,13 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("job", nargs="?", help="YAML job file (see jobs/); omitted with --resume")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a job key, e.g. --set train.steps=100 (repeatable); "
-                            "with --resume only train.* keys may change")
+                            "with --resume only train.* and the runtime's worker keys may change")
     train.add_argument("--out", help="run directory (default runs/<name>-<date>-<time>); must hold no run yet")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its newest checkpoint, with its own config")
+    train.add_argument("--workers", type=int, help="Ray task-worker actors (same as --set runtime.workers=N)")
+    train.add_argument("--address", help="Ray cluster address (same as --set runtime.address=...; default "
+                                         "$RAY_ADDRESS, else an embedded local Ray)")
     train.set_defaults(run=_train)
 
     ev = commands.add_parser("eval", help="re-evaluate a run's checkpoint on fresh tasks")

@@ -109,6 +109,10 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the batched loss (seconds to compile; pays off on long runs)
     device: str = choice("auto", "cpu", "cuda", default="auto")
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    workers: int = 0  # Ray task-worker actors; 0 computes in this process
+    address: str | None = None  # Ray cluster to join (None: $RAY_ADDRESS, else an embedded local Ray)
+    worker_cpus: float = 1.0  # CPUs reserved (and torch threads) per worker
+    worker_gpus: float = 0.0  # GPUs per worker; fractions share a GPU
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,9 @@ def _check_values(job: JobConfig) -> list[str]:
         (not job.runtime.compile or job.runtime.path in ("auto", "batched"), "runtime.compile",
          "needs runtime.path batched or auto"),
         (job.runtime.threads is None or job.runtime.threads >= 1, "runtime.threads", "must be >= 1 or null"),
+        (job.runtime.workers >= 0, "runtime.workers", "must be >= 0 (0 = in-process)"),
+        (job.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
+        (job.runtime.worker_gpus >= 0, "runtime.worker_gpus", "must be >= 0"),
     ]
     if t.dataset == "omniglot":
         rules += [

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from distmeta.runtime import Executor, LocalExecutor
 from distmeta.types import Params
 
 log = logging.getLogger("distmeta")
-RESUMABLE_SECTIONS = ("train",)  # what may differ between a run and its resumption
+# What may differ between a run and its resumption: nothing that changes the math.
+RESUMABLE_KEYS = ("train.*", "runtime.workers", "runtime.address", "runtime.worker_cpus", "runtime.worker_gpus",
+                  "runtime.threads")
 
 
 class NonFiniteError(FloatingPointError):
@@ -74,10 +77,23 @@ def train(job: JobConfig, out_dir: str | Path | None = None, resume: bool = Fals
     log.addHandler(file_log)
     log.setLevel(logging.INFO)
     try:
+        if executor is None and job.runtime.workers > 0:
+            return _train_on_ray(job, run_dir, resume)
         return _train(job, run_dir, resume, executor)
     finally:
         log.removeHandler(file_log)
         file_log.close()
+
+
+def _train_on_ray(job: JobConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+    from distmeta.runtime.ray_executor import RayExecutor, RaySession
+
+    with RaySession(job.runtime.address):
+        executor = RayExecutor(job_to_dict(job), job.runtime.workers, job.runtime.worker_cpus, job.runtime.worker_gpus)
+        try:
+            return _train(job, run_dir, resume, executor)
+        finally:
+            executor.shutdown()
 
 
 def _check_run_dir(job: JobConfig, run_dir: Path, resume: bool) -> None:
@@ -86,13 +102,18 @@ def _check_run_dir(job: JobConfig, run_dir: Path, resume: bool) -> None:
             raise FileExistsError(f"{run_dir} already holds a run; resume it (--resume) or choose another --out")
         return
     latest_checkpoint(run_dir / "checkpoints")  # FileNotFoundError when there is nothing to resume
-    saved, wanted = job_to_dict(load_run_job(run_dir)), job_to_dict(job)
-    changed = [f"{s}.{k}" for s in saved if s not in RESUMABLE_SECTIONS and isinstance(saved[s], dict)
-               for k in saved[s] if saved[s][k] != wanted[s][k]]
-    changed += [k for k in saved if not isinstance(saved[k], dict) and saved[k] != wanted[k]]
+    saved, wanted = _flat(job_to_dict(load_run_job(run_dir))), _flat(job_to_dict(job))
+    changed = [k for k in saved if saved[k] != wanted[k] and not any(fnmatch(k, p) for p in RESUMABLE_KEYS)]
     if changed:
         raise ValueError(f"cannot resume {run_dir} with a different job: {', '.join(changed)} changed "
-                         f"(only {', '.join(RESUMABLE_SECTIONS)}.* may change)")
+                         f"(only {', '.join(RESUMABLE_KEYS)} may change)")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat
 
 
 def _train(job: JobConfig, run_dir: Path, resume: bool, executor: Executor | None) -> dict[str, Any]:
@@ -220,4 +241,5 @@ def _summary(job: JobConfig, model: TaskModel, phi: Params, sampler: TaskSampler
         "device": str(device),
         "precision": job.runtime.precision,
         "path": path,
+        "workers": job.runtime.workers,
     }

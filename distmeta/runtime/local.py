@@ -44,7 +44,11 @@ class LocalExecutor:
         return to_device(self.sampler.sample("train", step, start, stop), self.device)
 
     def contribution(self, phi: Params, step: int, meta_batch: int) -> Contribution:
-        tasks = self.tasks(step, 0, meta_batch)
+        return self.slice_contribution(phi, step, 0, meta_batch)
+
+    def slice_contribution(self, phi: Params, step: int, start: int, stop: int) -> Contribution:
+        """The contribution of tasks ``start..stop-1`` of meta-step ``step`` (what a worker computes)."""
+        tasks = self.tasks(step, start, stop)
         if self.path == "auto":
             self.path = self._fastest_path(phi, tasks)
         with precision_context(self.precision, self.device):
