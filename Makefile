@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: setup
-	$(VENV)/bin/distmeta train jobs/omniglot_5w1s_smoke.yaml
+	$(VENV)/bin/distmeta train jobs/omniglot_5w1s_smoke.yaml --workers 2
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
