@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job
@@ -14,16 +15,16 @@ from distmeta.data.omniglot import DataError
 def _train(args: argparse.Namespace) -> int:
     from distmeta.train import load_run_job, train
 
-    args.set += [f"runtime.workers={args.workers}"] * (args.workers is not None)
-    args.set += [f"runtime.address={args.address}"] * (args.address is not None)
+    overrides = [*args.set, *[f"runtime.workers={args.workers}"] * (args.workers is not None),
+                 *[f"runtime.address={args.address}"] * (args.address is not None)]
     if args.resume:
         if args.job or args.out:
             raise ConfigError(["--resume RUN_DIR continues that run with its own config.json: "
                                "give no job file and no --out"], "train")
-        job = job_from_dict(apply_overrides(job_to_dict(load_run_job(args.resume)), args.set), args.resume)
+        job = job_from_dict(apply_overrides(job_to_dict(load_run_job(args.resume)), overrides), args.resume)
         summary = train(job, args.resume, resume=True)
     elif args.job:
-        summary = train(load_job(args.job, args.set), args.out)
+        summary = train(load_job(args.job, overrides), args.out)
     else:
         raise ConfigError(["give a job file, or --resume RUN_DIR"], "train")
     print(json.dumps(summary, indent=2))
@@ -48,7 +49,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _toy(args: argparse.Namespace) -> int:
     from distmeta.toy import run_toy
 
-    run_toy(args.out, steps=args.steps, seed=args.seed)
+    run_toy(args.out or time.strftime("runs/toy-%Y%m%d-%H%M%S"), steps=args.steps, seed=args.seed)
     return 0
 
 
@@ -91,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_eval)
 
     toy = commands.add_parser("toy", help="sinusoid MAML vs pre-training, table and figure")
-    toy.add_argument("--out", default="runs/toy", help="output directory")
+    toy.add_argument("--out", help="output directory (default runs/toy-<date>-<time>)")
     toy.add_argument("--steps", type=int, default=None, help="meta-training steps per method")
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(run=_toy)

@@ -204,7 +204,7 @@ def _check_values(job: JobConfig) -> list[str]:
         (tr.meta_batch >= 1, "train.meta_batch", "must be >= 1"),
         (tr.time_limit_s is None or 0 < tr.time_limit_s < math.inf, "train.time_limit_s", "must be > 0 and finite, or null"),
         (tr.log_every >= 1, "train.log_every", "must be >= 1"),
-        (tr.val_every >= 0 and tr.val_every % tr.log_every == 0, "train.val_every",
+        (tr.log_every >= 1 and tr.val_every >= 0 and tr.val_every % tr.log_every == 0, "train.val_every",
          "must be 0 (off) or a multiple of train.log_every (validation is logged with a step's row)"),
         (tr.val_tasks >= 2, "train.val_tasks", "must be >= 2 (a confidence interval needs two)"),
         (tr.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1"),

@@ -88,8 +88,10 @@ def train(job: JobConfig, out_dir: str | Path | None = None, resume: bool = Fals
 def _train_on_ray(job: JobConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
     from distmeta.runtime.ray_executor import RayExecutor, RaySession
 
+    path = load_checkpoint(latest_checkpoint(run_dir / "checkpoints")).get("path") if resume else None
     with RaySession(job.runtime.address):
-        executor = RayExecutor(job_to_dict(job), job.runtime.workers, job.runtime.worker_cpus, job.runtime.worker_gpus)
+        executor = RayExecutor(job_to_dict(job), job.runtime.workers, job.runtime.worker_cpus,
+                               job.runtime.worker_gpus, path)
         try:
             return _train(job, run_dir, resume, executor)
         finally:
@@ -129,7 +131,7 @@ def _train(job: JobConfig, run_dir: Path, resume: bool, executor: Executor | Non
     tr = job.train
     progress = Progress(tr.steps, tr.meta_batch, tr.time_limit_s, first_step, state.get("elapsed_s", 0.0))
     metrics_log = MetricsLog(run_dir, resume_step=first_step if resume else None)
-    window: dict[str, float] = {}
+    window: dict[str, float] = dict(state.get("window", {}))  # metrics since the last logged step
     step = first_step
     log.info("training %s (%s) in %s from step %d on %s", job.name, job.algorithm.name, run_dir, step, device)
     try:
@@ -144,11 +146,11 @@ def _train(job: JobConfig, run_dir: Path, resume: bool, executor: Executor | Non
             if step % tr.log_every == 0:
                 _log_step(job, model, phi, sampler, device, step, window, metrics_log, progress)
             if step % tr.checkpoint_every == 0:
-                _save(run_dir, step, phi, opt_state, job, executor, progress)
+                _save(run_dir, step, phi, opt_state, job, executor, progress, window)
         if window:  # the partial window at the end (step or time limit)
             _log_step(job, model, phi, sampler, device, step, window, metrics_log, progress)
     except KeyboardInterrupt:
-        _save(run_dir, step, phi, opt_state, job, executor, progress)
+        _save(run_dir, step, phi, opt_state, job, executor, progress, window)
         log.info("interrupted at step %d; checkpoint written, continue with --resume %s", step, run_dir)
         raise
     finally:
@@ -207,9 +209,11 @@ def _log_step(job: JobConfig, model: TaskModel, phi: Params, sampler: TaskSample
 
 
 def _save(run_dir: Path, step: int, phi: Params, opt_state: OptState, job: JobConfig, executor: Executor,
-          progress: Progress) -> None:
+          progress: Progress, window: dict[str, float] | None = None) -> None:
+    """Everything a resumed run needs to continue as if never stopped, the metrics
+    accumulated since the last logged step included."""
     state = {"phi": _to(phi, "cpu"), "opt_state": _to(opt_state, "cpu"), "elapsed_s": progress.elapsed(),
-             "path": getattr(executor, "path", None)}
+             "path": getattr(executor, "path", None), "window": dict(window or {})}
     save_checkpoint(run_dir / "checkpoints", step, state, job.train.keep_checkpoints)
 
 

@@ -35,6 +35,7 @@ def test_the_paper_settings_are_in_the_paper_jobs():
     ({"optimizer": {"lr": float("inf")}}, "optimizer.lr", "must be finite and > 0"),
     ({"train": {"log_every": 20, "val_every": 50}}, "train.val_every", "multiple of train.log_every"),
     ({"train": {"val_tasks": 1}}, "train.val_tasks", "must be >= 2"),
+    ({"train": {"log_every": 0}}, "train.log_every", "must be >= 1"),
     ({"train": {"steps": True}}, "train.steps", "expected int"),
     ({"task": {"rotations": [0, 45]}}, "task.rotations", "0, 90, 180, 270"),
     ({"runtime": {"path": "gpu"}}, "runtime.path", "choose one of auto, batched, vmap, loop"),

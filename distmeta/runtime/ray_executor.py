@@ -21,13 +21,14 @@ from distmeta.types import Contribution, Params
 log = logging.getLogger("distmeta.runtime")
 
 FORWARDED_ENV = ("DISTMETA_OMNIGLOT", "DISTMETA_CACHE")
+MAX_RESTARTS = 3  # a worker that keeps dying fails the run instead of retrying forever
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
 class TaskWorker:
     """Builds the job's pieces once, then serves slice contributions at a given Φ."""
 
-    def __init__(self, job_dict: dict[str, Any], threads: int) -> None:
+    def __init__(self, job_dict: dict[str, Any], threads: int, path: str) -> None:
         from distmeta.components import build_job_algorithm, build_model, build_sampler
         from distmeta.config import job_from_dict
         from distmeta.device import resolve_device
@@ -35,9 +36,9 @@ class TaskWorker:
 
         torch.set_num_threads(threads)
         job = job_from_dict(job_dict, "worker job")
-        path = "batched" if job.runtime.path == "auto" else job.runtime.path
+        device = resolve_device("cuda" if job.runtime.worker_gpus > 0 else "cpu")  # what Ray reserved for it
         self.executor = LocalExecutor(build_model(job), build_job_algorithm(job), build_sampler(job), path,
-                                      job.runtime.precision, resolve_device(job.runtime.device), job.runtime.compile)
+                                      job.runtime.precision, device, job.runtime.compile)
 
     def contribution(self, phi: Params, step: int, start: int, stop: int) -> Contribution:
         result = self.executor.slice_contribution(phi, step, start, stop)
@@ -58,26 +59,33 @@ def task_slices(meta_batch: int, workers: int) -> list[tuple[int, int]]:
 class RayExecutor:
     """Splits each meta-batch over ``workers`` TaskWorker actors and sums their slices in order.
 
-    ``auto`` path means ``batched`` here, so that every worker runs the same arithmetic.
+    ``path`` (``auto`` means ``batched`` here, so every worker runs the same arithmetic) may
+    come from a checkpoint, so a resumed run keeps the path it started with.
     """
 
     def __init__(self, job_dict: dict[str, Any], workers: int, cpus_per_worker: float = 1.0,
-                 gpus_per_worker: float = 0.0) -> None:
+                 gpus_per_worker: float = 0.0, path: str | None = None) -> None:
         """Raises:
-            ValueError: the cluster has fewer CPUs or GPUs than the workers ask for (Ray would
-                otherwise leave them pending forever).
+            ValueError: the cluster, or every single node of it, has fewer CPUs or GPUs than
+                the workers ask for (Ray would otherwise leave them pending forever).
         """
-        available = ray.cluster_resources()
+        total = ray.cluster_resources()
+        largest = {r: max((n["Resources"].get(r, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+                   for r in ("CPU", "GPU")}
         for resource, each in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
-            if workers * each > available.get(resource, 0.0):
+            key = f"runtime.worker_{resource.lower()}s"
+            if workers * each > total.get(resource, 0.0):
                 raise ValueError(f"{workers} workers × {each:g} {resource} = {workers * each:g} {resource}, but the "
-                                 f"Ray cluster has {available.get(resource, 0.0):g}; lower runtime.workers or "
-                                 f"runtime.worker_{resource.lower()}s")
+                                 f"Ray cluster has {total.get(resource, 0.0):g}; lower runtime.workers or {key}")
+            if each > largest[resource]:
+                raise ValueError(f"one worker asks for {each:g} {resource} but the largest node has "
+                                 f"{largest[resource]:g}; lower {key}")
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, "runtime_env": {"env_vars": env}}
         threads = max(1, int(cpus_per_worker))
-        self.workers = [TaskWorker.options(**options).remote(job_dict, threads) for _ in range(workers)]
-        self.path = "batched" if job_dict["runtime"]["path"] == "auto" else job_dict["runtime"]["path"]
+        path = path or job_dict["runtime"]["path"]
+        self.path = "batched" if path == "auto" else path
+        self.workers = [TaskWorker.options(**options).remote(job_dict, threads, self.path) for _ in range(workers)]
 
     def contribution(self, phi: Params, step: int, meta_batch: int) -> Contribution:
         phi_ref = ray.put({n: p.detach().cpu() for n, p in phi.items()})
@@ -94,17 +102,25 @@ class RayExecutor:
 
 
 class RaySession:
-    """Connects to ``address`` (or starts an embedded local Ray) unless Ray is already up,
-    and on exit shuts down only what it started."""
+    """Connects to ``address`` (else ``$RAY_ADDRESS``), or starts a new embedded local Ray,
+    unless this process is already connected; on exit shuts down only what it started.
+
+    Raises (on enter):
+        ValueError: an address was given but this process is already connected elsewhere.
+    """
 
     def __init__(self, address: str | None) -> None:
-        self.address, self.started = address, False
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.started = False
 
     def __enter__(self) -> "RaySession":
-        if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-            self.started = True
-            log.info("ray: %s", "connected to " + self.address if self.address else "embedded local instance")
+        if ray.is_initialized():
+            if self.address:
+                raise ValueError(f"Ray is already initialised in this process; cannot also join {self.address}")
+            return self
+        ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False)
+        self.started = True
+        log.info("ray: %s", f"connected to {self.address}" if self.address else "new embedded local instance")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
