@@ -8,12 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job
+from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job, load_run_job
 from distmeta.data.omniglot import DataError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from distmeta.train import load_run_job, train
+    from distmeta.train import train
 
     overrides = [*args.set, *[f"runtime.workers={args.workers}"] * (args.workers is not None),
                  *[f"runtime.address={args.address}"] * (args.address is not None)]

@@ -6,6 +6,7 @@ keys, wrong types and impossible values with messages that name the key and what
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -292,6 +293,12 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     except yaml.YAMLError as error:
         raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
     return job_from_dict(apply_overrides(raw, list(overrides)), str(path))
+
+
+def load_run_job(run_dir: str | Path) -> JobConfig:
+    """The job a run directory was trained with (its ``config.json``, validated again)."""
+    path = Path(run_dir) / "config.json"
+    return job_from_dict(json.loads(path.read_text()), str(path))
 
 
 def job_to_dict(job: JobConfig) -> dict:

@@ -1,7 +1,6 @@
 """Meta-test evaluation: adapt Φ on fresh tasks' support sets, score their query sets."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from distmeta.algorithms import InnerLoop, adaptation_curve
 from distmeta.checkpoint import latest_checkpoint, load_checkpoint
 from distmeta.components import build_model, build_sampler, eval_inner_loop, with_queries
-from distmeta.config import job_from_dict
+from distmeta.config import load_run_job
 from distmeta.data.sampling import TaskSampler
 from distmeta.device import precision_context, resolve_device, to_device
 from distmeta.models import TaskModel
@@ -66,7 +65,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
         FileNotFoundError: no checkpoint in the run directory.
     """
     run_dir = Path(run_dir)
-    job = job_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    job = load_run_job(run_dir)
     tasks = job.eval.tasks if tasks is None else tasks
     if tasks < 2 or round_index < 0 or (steps is not None and steps < 0):
         raise ValueError(f"need tasks >= 2, round >= 0 and steps >= 0; got {tasks}, {round_index}, {steps}")

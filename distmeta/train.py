@@ -23,7 +23,7 @@ from distmeta.components import (
     eval_inner_loop,
     with_queries,
 )
-from distmeta.config import JobConfig, job_from_dict, job_to_dict
+from distmeta.config import JobConfig, job_to_dict, load_run_job
 from distmeta.data.sampling import TaskSampler
 from distmeta.device import resolve_device
 from distmeta.evaluate import evaluate, headline
@@ -46,12 +46,6 @@ class NonFiniteError(FloatingPointError):
 def default_run_dir(job: JobConfig) -> Path:
     """``runs/<name>-<date>-<time>``, so runs never collide by default."""
     return Path("runs") / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def load_run_job(run_dir: str | Path) -> JobConfig:
-    """The job a run directory was trained with (its ``config.json``)."""
-    path = Path(run_dir) / "config.json"
-    return job_from_dict(json.loads(path.read_text()), str(path))
 
 
 def train(job: JobConfig, out_dir: str | Path | None = None, resume: bool = False,
@@ -123,6 +117,7 @@ def _train(job: JobConfig, run_dir: Path, resume: bool, executor: Executor | Non
         torch.set_num_threads(job.runtime.threads)
     device = resolve_device(job.runtime.device)
     model, sampler, optimizer = build_model(job), build_sampler(job), build_job_optimizer(job)
+    eval_sampler = with_queries(sampler, job.eval.queries)
     adapted_names(model.init(torch.Generator()), job.algorithm.adapt)  # fail now, not at the first evaluation
     state = _initial_state(job, model, optimizer.init, run_dir, resume, device)
     phi, opt_state, first_step = state["phi"], state["opt_state"], state["step"]
@@ -144,11 +139,11 @@ def _train(job: JobConfig, run_dir: Path, resume: bool, executor: Executor | Non
             phi, opt_state, step = new_phi, new_opt_state, step + 1
             _accumulate(window, contribution)
             if step % tr.log_every == 0:
-                _log_step(job, model, phi, sampler, device, step, window, metrics_log, progress)
+                _log_step(job, model, phi, eval_sampler, device, step, window, metrics_log, progress)
             if step % tr.checkpoint_every == 0:
                 _save(run_dir, step, phi, opt_state, job, executor, progress, window)
         if window:  # the partial window at the end (step or time limit)
-            _log_step(job, model, phi, sampler, device, step, window, metrics_log, progress)
+            _log_step(job, model, phi, eval_sampler, device, step, window, metrics_log, progress)
     except KeyboardInterrupt:
         _save(run_dir, step, phi, opt_state, job, executor, progress, window)
         log.info("interrupted at step %d; checkpoint written, continue with --resume %s", step, run_dir)
@@ -159,7 +154,7 @@ def _train(job: JobConfig, run_dir: Path, resume: bool, executor: Executor | Non
     saved = checkpoints(run_dir / "checkpoints")
     if not saved or saved[-1].name != f"step_{step:08d}.pt":
         _save(run_dir, step, phi, opt_state, job, executor, progress)
-    summary = _summary(job, model, phi, sampler, device, step, wall_s, getattr(executor, "path", None))
+    summary = _summary(job, model, phi, eval_sampler, device, step, wall_s, getattr(executor, "path", None))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if (run_dir / "metrics.csv").exists():
         plot_learning_curve(run_dir)
@@ -196,13 +191,13 @@ def _accumulate(window: dict[str, float], contribution) -> None:
     window["steps"] = window.get("steps", 0) + 1
 
 
-def _log_step(job: JobConfig, model: TaskModel, phi: Params, sampler: TaskSampler, device: torch.device, step: int,
+def _log_step(job: JobConfig, model: TaskModel, phi: Params, eval_sampler: TaskSampler, device: torch.device, step: int,
               window: dict[str, float], metrics_log: MetricsLog, progress: Progress) -> None:
     steps = window.pop("steps")
     values = {f"train_{k}": v / steps for k, v in window.items()}
     values["tasks_per_s"] = progress.tasks_per_s(step)
     if job.train.val_every and step % job.train.val_every == 0:
-        values |= _validate(job, model, phi, sampler, device)
+        values |= _validate(job, model, phi, eval_sampler, device)
     metrics_log.write(step, values)
     log.info(progress.line(step, values))
     window.clear()
@@ -217,17 +212,17 @@ def _save(run_dir: Path, step: int, phi: Params, opt_state: OptState, job: JobCo
     save_checkpoint(run_dir / "checkpoints", step, state, job.train.keep_checkpoints)
 
 
-def _validate(job: JobConfig, model: TaskModel, phi: Params, sampler: TaskSampler,
+def _validate(job: JobConfig, model: TaskModel, phi: Params, eval_sampler: TaskSampler,
               device: torch.device) -> dict[str, float]:
-    report = evaluate(model, phi, with_queries(sampler, job.eval.queries), "val", job.train.val_tasks,
+    report = evaluate(model, phi, eval_sampler, "val", job.train.val_tasks,
                       eval_inner_loop(job), job.eval.batch, device=device, precision=job.runtime.precision)
     return {f"val_{k}": v for k, v in report[job.eval.inner_steps].items() if k != "tasks"}
 
 
-def _summary(job: JobConfig, model: TaskModel, phi: Params, sampler: TaskSampler, device: torch.device, step: int,
+def _summary(job: JobConfig, model: TaskModel, phi: Params, eval_sampler: TaskSampler, device: torch.device, step: int,
              wall_s: float, path: str | None) -> dict[str, Any]:
     """``wall_s`` is the training time of the whole run, resumptions included."""
-    report = headline(evaluate(model, phi, with_queries(sampler, job.eval.queries), job.eval.split,
+    report = headline(evaluate(model, phi, eval_sampler, job.eval.split,
                                job.eval.tasks, eval_inner_loop(job), job.eval.batch, device=device,
                                precision=job.runtime.precision)[job.eval.inner_steps])
     split = job.eval.split
