@@ -1,43 +1,39 @@
-"""Checkpoints: Φ, optimizer state and step, written atomically, the last few kept."""
+"""Checkpoints: Φ, optimizer state, step and sampler state, written atomically, the last few kept."""
 from __future__ import annotations
 
-import os
+import io
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-PATTERN = re.compile(r"step_(\d+)\.pt$")
+from distmeta.storage import Location
+
+PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
 
-def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``step_<step>.pt`` (temp file, fsync, rename) and prune all but the newest ``keep``.
-
-    A crash mid-write leaves the previous checkpoints intact, never a truncated newest one.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(directory: str | Path | Location, step: int, state: dict[str, Any], keep: int) -> Location:
+    """Write ``step_<step>.pt`` atomically (see ``Location.write_bytes``) and prune all but
+    the newest ``keep``: a crash mid-write leaves the previous checkpoints intact."""
+    directory = Location(directory)
+    buffer = io.BytesIO()
+    torch.save({**state, "step": step}, buffer)
     final = directory / f"step_{step:08d}.pt"
-    temporary = directory / f".{final.name}.tmp"
-    with open(temporary, "wb") as handle:
-        torch.save({**state, "step": step}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
+    final.write_bytes(buffer.getvalue())
     for old in checkpoints(directory)[:-keep]:
-        old.unlink()
+        old.delete()
     return final
 
 
-def checkpoints(directory: str | Path) -> list[Path]:
+def checkpoints(directory: str | Path | Location) -> list[Location]:
     """Checkpoint files of a directory, oldest first."""
-    directory = Path(directory)
-    found = [p for p in directory.glob("step_*.pt") if PATTERN.search(p.name)] if directory.is_dir() else []
-    return sorted(found, key=lambda p: int(PATTERN.search(p.name).group(1)))
+    directory = Location(directory)
+    names = sorted((n for n in directory.listdir() if PATTERN.match(n)), key=lambda n: int(PATTERN.match(n).group(1)))
+    return [directory / n for n in names]
 
 
-def latest_checkpoint(directory: str | Path) -> Path:
+def latest_checkpoint(directory: str | Path | Location) -> Location:
     """The newest checkpoint.
 
     Raises:
@@ -45,10 +41,10 @@ def latest_checkpoint(directory: str | Path) -> Path:
     """
     found = checkpoints(directory)
     if not found:
-        raise FileNotFoundError(f"no checkpoint (step_*.pt) in {directory}")
+        raise FileNotFoundError(f"no checkpoint (step_*.pt) in {Location(directory)}")
     return found[-1]
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path | Location) -> dict[str, Any]:
     """A checkpoint's state on the CPU (``phi``, ``opt_state``, ``step``, ...)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(Location(path).read_bytes()), map_location="cpu", weights_only=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job, load_run_job
 from distmeta.data.omniglot import DataError
+from distmeta.storage import Location
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -36,7 +37,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     report = evaluate_run(args.run_dir, args.tasks, args.steps, args.split, args.round)
     name = f"eval_{report['split']}_{report['steps']}steps_round{report['round']}.json"
-    (Path(args.run_dir) / name).write_text(json.dumps(report, indent=2))
+    (Location(args.run_dir) / name).write_bytes(json.dumps(report, indent=2).encode())
     if args.json:
         print(json.dumps(report))
     else:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError, FileExistsError, NonFiniteError, ValueError) as error:
+    except (DataError, FileNotFoundError, FileExistsError, PermissionError, NonFiniteError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from distmeta.data.omniglot import DRAWINGS_PER_CHARACTER, EXPECTED_CHARACTERS, VINYALS_TRAIN_CHARACTERS
+from distmeta.storage import Location
 
 VINYALS_TEST_CHARACTERS = sum(EXPECTED_CHARACTERS.values()) - VINYALS_TRAIN_CHARACTERS
 
@@ -114,6 +115,12 @@ class RuntimeConfig:
     address: str | None = None  # Ray cluster to join (None: $RAY_ADDRESS, else an embedded local Ray)
     worker_cpus: float = 1.0  # CPUs reserved (and torch threads) per worker
     worker_gpus: float = 0.0  # GPUs per worker; fractions share a GPU
+    placement: str = choice("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", default="PACK")  # workers' gang placement
+    mode: str = choice("sync", "async", default="sync")  # sync: reproducible steps; async: apply slices on arrival
+    staleness: int = 2  # async: drop slices computed at a Φ more than this many steps old
+    evaluator_cpus: float = 0.0  # CPUs reserved for the validation actor (0: shares the workers' CPUs)
+    evaluator_gpus: float = 0.0
+    storage: str | None = None  # folder or pyarrow.fs URI (s3://, gs://) for runs (None: runs/); --out overrides
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,11 @@ def _check_values(job: JobConfig) -> list[str]:
         (job.runtime.workers >= 0, "runtime.workers", "must be >= 0 (0 = in-process)"),
         (job.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
         (job.runtime.worker_gpus >= 0, "runtime.worker_gpus", "must be >= 0"),
+        (job.runtime.staleness >= 0, "runtime.staleness", "must be >= 0"),
+        (job.runtime.evaluator_cpus >= 0, "runtime.evaluator_cpus", "must be >= 0"),
+        (job.runtime.evaluator_gpus >= 0, "runtime.evaluator_gpus", "must be >= 0"),
+        (job.runtime.workers > 0 or job.runtime.mode == "sync", "runtime.mode",
+         "async needs Ray task workers (runtime.workers >= 1)"),
     ]
     if t.dataset == "omniglot":
         rules += [
@@ -295,10 +307,10 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     return job_from_dict(apply_overrides(raw, list(overrides)), str(path))
 
 
-def load_run_job(run_dir: str | Path) -> JobConfig:
-    """The job a run directory was trained with (its ``config.json``, validated again)."""
-    path = Path(run_dir) / "config.json"
-    return job_from_dict(json.loads(path.read_text()), str(path))
+def load_run_job(run_dir: str | Path | Location) -> JobConfig:
+    """The job a run (folder or URI) was trained with (its ``config.json``, validated again)."""
+    path = Location(run_dir) / "config.json"
+    return job_from_dict(json.loads(path.read_bytes()), str(path))
 
 
 def job_to_dict(job: JobConfig) -> dict:

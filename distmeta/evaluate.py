@@ -9,10 +9,11 @@ import torch
 from distmeta.algorithms import InnerLoop, adaptation_curve
 from distmeta.checkpoint import latest_checkpoint, load_checkpoint
 from distmeta.components import build_model, build_sampler, eval_inner_loop, with_queries
-from distmeta.config import load_run_job
+from distmeta.config import JobConfig, load_run_job
 from distmeta.data.sampling import TaskSampler
 from distmeta.device import precision_context, resolve_device, to_device
 from distmeta.models import TaskModel
+from distmeta.storage import Location
 from distmeta.types import Params
 
 
@@ -52,7 +53,7 @@ def evaluate(model: TaskModel, phi: Params, sampler: TaskSampler, split: str, ta
     return report
 
 
-def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
+def evaluate_run(run_dir: str | Path | Location, tasks: int | None = None, steps: int | None = None,
                  split: str | None = None, round_index: int = 1) -> dict[str, float]:
     """Re-evaluate a run directory's final checkpoint on freshly drawn tasks.
 
@@ -64,7 +65,7 @@ def evaluate_run(run_dir: str | Path, tasks: int | None = None, steps: int | Non
         ValueError: fewer than 2 tasks, or a negative round or step count.
         FileNotFoundError: no checkpoint in the run directory.
     """
-    run_dir = Path(run_dir)
+    run_dir = Location(run_dir)
     job = load_run_job(run_dir)
     tasks = job.eval.tasks if tasks is None else tasks
     if tasks < 2 or round_index < 0 or (steps is not None and steps < 0):
@@ -84,3 +85,27 @@ def headline(report: dict[str, float]) -> dict[str, float]:
     """A report with the headline metric also under ``ci95`` (accuracy, else mse)."""
     name = "accuracy" if "accuracy" in report else "mse"
     return {**report, "metric": name, "ci95": report[f"{name}_ci95"]}
+
+
+class JobEvaluator:
+    """Meta-validation and the final meta-test of a job's Φ, built once per process (the
+    training driver, or an evaluator actor so that validation never stalls training)."""
+
+    def __init__(self, job: JobConfig, device: torch.device | str | None = None) -> None:
+        self.job, self.model = job, build_model(job)
+        self.sampler = with_queries(build_sampler(job), job.eval.queries)
+        self.device = resolve_device(job.runtime.device) if device is None else torch.device(device)
+
+    def _report(self, phi: Params, split: str, tasks: int) -> dict[str, float]:
+        job = self.job
+        return evaluate(self.model, phi, self.sampler, split, tasks, eval_inner_loop(job), job.eval.batch,
+                        device=self.device, precision=job.runtime.precision)[job.eval.inner_steps]
+
+    def validate(self, phi: Params) -> dict[str, float]:
+        """``val_<metric>`` after ``eval.inner_steps`` on ``train.val_tasks`` meta-validation tasks."""
+        report = self._report(phi, "val", self.job.train.val_tasks)
+        return {f"val_{k}": v for k, v in report.items() if k != "tasks"}
+
+    def test(self, phi: Params) -> dict[str, float]:
+        """The headline report on ``eval.tasks`` tasks of ``eval.split`` (round 0)."""
+        return headline(self._report(phi, self.job.eval.split, self.job.eval.tasks))

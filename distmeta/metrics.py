@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
@@ -17,17 +19,26 @@ class MetricsLog:
     def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
         """With ``resume_step``, continue the run's files, dropping what was logged after that
         step (it is about to be recomputed), so steps stay unique and increasing."""
-        self.path = Path(run_dir) / "metrics.csv"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.csv"
         self.columns: list[str] | None = None
+        self.board = None
+        self.truncate(resume_step)
+
+    def truncate(self, step: int | None) -> None:
+        """Drop the rows after ``step`` (a rewind to that checkpoint) and reopen TensorBoard
+        purging the same steps; ``None`` starts a fresh file at the first write."""
         purge = None
-        if resume_step is not None and self.path.exists():
+        if step is not None and self.path.exists():
             with open(self.path, newline="") as handle:
                 reader = csv.DictReader(handle)
                 self.columns = list(reader.fieldnames or []) or None
-                kept = [row for row in reader if int(row["step"]) <= resume_step]
+                kept = [row for row in reader if int(row["step"]) <= step]
             self._rewrite(kept)
-            purge = resume_step + 1
-        self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+            purge = step + 1
+        if self.board is not None:
+            self.board.close()
+        self.board = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def _rewrite(self, rows: list[dict]) -> None:
         with open(self.path, "w", newline="") as handle:
@@ -54,6 +65,33 @@ class MetricsLog:
 
     def close(self) -> None:
         self.board.close()
+
+
+class PendingRows:
+    """Logged rows waiting for their validation (computed elsewhere), written in step order
+    as the results arrive, so validation never holds up training."""
+
+    def __init__(self, metrics_log: MetricsLog, progress: "Progress") -> None:
+        self.log, self.progress = metrics_log, progress
+        self.queue: deque[tuple[int, dict[str, float], Future | None]] = deque()
+
+    def add(self, step: int, values: dict[str, float], validation: Future | None) -> None:
+        log.info(self.progress.line(step, values))
+        self.queue.append((step, values, validation))
+        self.write_ready()
+
+    def write_ready(self, wait: bool = False) -> None:
+        """Write the leading rows whose validation is done (all of them with ``wait``)."""
+        while self.queue and (wait or self.queue[0][2] is None or self.queue[0][2].done()):
+            step, values, validation = self.queue.popleft()
+            if validation is not None:
+                result = validation.result()
+                log.info("step %d validation: %s", step, " ".join(f"{k} {v:.4g}" for k, v in result.items()))
+                values = values | result
+            self.log.write(step, values)
+
+    def drop_after(self, step: int) -> None:
+        self.queue = deque(row for row in self.queue if row[0] <= step)
 
 
 class Progress:

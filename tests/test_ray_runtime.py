@@ -1,6 +1,10 @@
-"""Task-worker actors on a local Ray: same Φ as in-process, survives a killed worker."""
+"""The parameter-server runtime on a local Ray: same Φ as in-process for any worker count,
+and the same Φ after a killed worker, a killed server or a killed driver."""
 from __future__ import annotations
 
+import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -9,11 +13,15 @@ import torch
 
 from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
-from distmeta.config import job_to_dict, load_job
-from distmeta.runtime.ray_executor import RayExecutor, task_slices
+from distmeta.config import load_job
+from distmeta.runtime import ray_runtime
+from distmeta.runtime.parameter_store import FlatContribution, NonFiniteError
+from distmeta.runtime.ray_runtime import RayRuntime, task_slices
+from distmeta.storage import Location
 from distmeta.train import train
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
+QUICK = ["train.log_every=2", "train.val_every=0", "train.checkpoint_every=2", "eval.tasks=10", "runtime.path=batched"]
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +32,18 @@ def local_ray():
     ray.shutdown()
 
 
-def job(workers: int, steps: int = 5):
-    return load_job(JOBS / "sinusoid_smoke.yaml", [f"train.steps={steps}", "train.log_every=5", "train.val_every=0",
-                                                    "train.checkpoint_every=5", "eval.tasks=10", "runtime.path=batched",
-                                                    f"runtime.workers={workers}", "runtime.worker_cpus=1"])
+def job(workers: int, steps: int = 6, *overrides: str):
+    return load_job(JOBS / "sinusoid_smoke.yaml", [f"train.steps={steps}", *QUICK, f"runtime.workers={workers}",
+                                                    "runtime.worker_cpus=1", *overrides])
 
 
 def final_phi(run_dir: Path) -> dict:
     return load_checkpoint(checkpoints(run_dir / "checkpoints")[-1])["phi"]
+
+
+def assert_same_phi(a: Path, b: Path) -> None:
+    for name, value in final_phi(a).items():
+        assert torch.equal(value, final_phi(b)[name]), name
 
 
 def test_task_slices_cover_the_meta_batch_in_order():
@@ -39,53 +51,126 @@ def test_task_slices_cover_the_meta_batch_in_order():
     assert task_slices(2, 4) == [(0, 1), (1, 2)]
 
 
-def test_phi_after_five_steps_matches_in_process_for_1_2_3_workers(local_ray, tmp_path, capsys):
-    train(job(0), tmp_path / "local")
+def test_phi_after_five_steps_matches_in_process_for_1_2_3_workers(local_ray, tmp_path):
+    local = train(job(0, 5), tmp_path / "local")
     reference = final_phi(tmp_path / "local")
     for workers in (1, 2):
-        summary = train(job(workers), tmp_path / f"w{workers}")
-        assert summary["workers"] == workers
+        summary = train(job(workers, 5), tmp_path / f"w{workers}")
+        assert summary["workers"] == workers and summary["mode"] == "sync"
+        assert summary["restarts"] == {"workers": 0, "server": 0} and summary["rejected_contributions"] == 0
+        if workers == 1:  # one slice: the very same arithmetic, to the bit
+            assert summary["phi_sha256"] == local["phi_sha256"]
     assert main(["train", str(JOBS / "sinusoid_smoke.yaml"), "--workers", "3", "--out", str(tmp_path / "w3"),
-                 *sum((["--set", o] for o in ("train.steps=5", "train.log_every=5", "train.val_every=0",
-                                              "eval.tasks=10", "runtime.path=batched")), [])]) == 0
+                 *sum((["--set", o] for o in ("train.steps=5", *QUICK)), [])]) == 0
     for workers in (1, 2, 3):
         phi = final_phi(tmp_path / f"w{workers}")
         for name, value in reference.items():
-            if workers == 1:
-                assert torch.equal(phi[name], value), name  # one slice: the very same arithmetic
             assert torch.allclose(phi[name], value, rtol=0, atol=1e-6), (workers, name)
 
 
-class KillingExecutor(RayExecutor):
-    """Kills worker 1 (Ray restarts it) just before meta-step ``kill_at`` is dispatched."""
+class FaultyRuntime(RayRuntime):
+    """Before step ``at`` is computed: kill a worker or the server (Ray restarts either),
+    crash the driver, or push a non-finite slice to the server."""
 
-    def __init__(self, *args, kill_at: int, **kwargs):
+    def __init__(self, *args, at: int, fault: str, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kill_at, self.killed_pid = kill_at, None
+        self.at, self.fault, self.done = at, fault, False
 
-    def contribution(self, phi, step, meta_batch):
-        if step == self.kill_at:
-            self.killed_pid = ray.get(self.workers[1].pid.remote())
-            ray.kill(self.workers[1], no_restart=False)
-        return super().contribution(phi, step, meta_batch)
+    def advance(self):
+        if self.version == self.at and not self.done:
+            self.done = True
+            if self.fault == "worker":
+                ray.kill(self.workers[1], no_restart=False)
+            elif self.fault == "server":
+                ray.kill(self.server, no_restart=False)
+            elif self.fault == "driver":
+                raise RuntimeError("simulated driver crash")
+            elif self.fault == "nan":
+                version, _ = ray.get(self.server.pull.remote())
+                size = ray.get(self.server.flat.remote()).numel()
+                nan = FlatContribution(torch.full((size,), float("nan")), 4, {"loss": 1.0})
+                assert ray.get(self.server.push.remote(version, 0, nan)) == "rejected"
+        return super().advance()
+
+
+def faulty(job_config, run_dir: Path, at: int, fault: str) -> FaultyRuntime:
+    return FaultyRuntime(job_config, Location(run_dir), None, at=at, fault=fault)
 
 
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_run_ends_with_the_same_phi(local_ray, tmp_path):
-    undisturbed = job(2, steps=6)
-    train(undisturbed, tmp_path / "calm")
-    executor = KillingExecutor(job_to_dict(undisturbed), 2, kill_at=3)
-    try:
-        train(undisturbed, tmp_path / "killed", executor=executor)
-        assert executor.killed_pid is not None
-        assert ray.get(executor.workers[1].pid.remote()) != executor.killed_pid  # a new process served the rest
-    finally:
-        executor.shutdown()
-    calm, killed = final_phi(tmp_path / "calm"), final_phi(tmp_path / "killed")
-    for name in calm:
-        assert torch.equal(calm[name], killed[name]), name
+    calm = train(job(2), tmp_path / "calm")
+    killed = train(job(2), tmp_path / "killed", runtime=faulty(job(2), tmp_path / "killed", at=3, fault="worker"))
+    assert killed["restarts"]["workers"] == 1 and killed["restarts"]["server"] == 0
+    assert killed["phi_sha256"] == calm["phi_sha256"]
+    assert_same_phi(tmp_path / "calm", tmp_path / "killed")
 
 
-def test_more_workers_than_the_cluster_has_fails_fast(local_ray):
+@pytest.mark.slow
+def test_a_killed_server_restarts_from_its_checkpoint_and_the_run_ends_with_the_same_phi(local_ray, tmp_path):
+    calm = train(job(2), tmp_path / "calm")
+    killed = train(job(2), tmp_path / "killed", runtime=faulty(job(2), tmp_path / "killed", at=5, fault="server"))
+    assert killed["restarts"]["server"] == 1 and killed["steps"] == 6
+    assert killed["phi_sha256"] == calm["phi_sha256"]
+    log_text = (tmp_path / "killed" / "train.log").read_text()
+    assert "restarted from its checkpoint at step 4: 1 step(s) of work lost" in log_text
+    steps = [line.split(",")[0] for line in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["2", "4", "6"]  # the redone step was logged once
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_to_the_same_phi(local_ray, tmp_path):
+    calm = train(job(2), tmp_path / "calm")
+    with pytest.raises(RuntimeError, match="simulated driver crash"):
+        train(job(2), tmp_path / "crashed", runtime=faulty(job(2), tmp_path / "crashed", at=5, fault="driver"))
+    assert [p.name for p in checkpoints(tmp_path / "crashed" / "checkpoints")] == ["step_00000002.pt",
+                                                                                    "step_00000004.pt"]
+    assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
+    resumed = json.loads((tmp_path / "crashed" / "summary.json").read_text())
+    assert resumed["steps"] == 6 and resumed["phi_sha256"] == calm["phi_sha256"]
+    assert_same_phi(tmp_path / "calm", tmp_path / "crashed")
+
+
+def test_a_non_finite_slice_is_rejected_counted_and_the_step_still_applied(local_ray, tmp_path):
+    calm = train(job(1, 4), tmp_path / "calm")
+    poked = train(job(1, 4), tmp_path / "poked", runtime=faulty(job(1, 4), tmp_path / "poked", at=2, fault="nan"))
+    assert poked["rejected_contributions"] == 1 and poked["phi_sha256"] == calm["phi_sha256"]
+
+
+def test_a_step_that_stays_non_finite_fails_after_retries(local_ray, tmp_path):
+    with pytest.raises(NonFiniteError, match="stayed non-finite after 2 recomputations"):
+        train(job(2, 4, "algorithm.inner_lr=1e30"), tmp_path / "nan")
+
+
+def test_async_mode_trains_with_bounded_staleness(local_ray, tmp_path):
+    summary = train(job(2, 40, "runtime.mode=async", "runtime.staleness=1", "train.log_every=10"), tmp_path / "async")
+    assert summary["mode"] == "async" and summary["steps"] == 40
+    assert summary["stale_contributions"] >= 0 and summary["restarts"] == {"workers": 0, "server": 0}
+    rows = (tmp_path / "async" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["10", "20", "30", "40"]
+
+
+def test_more_workers_than_the_cluster_has_fails_fast(local_ray, tmp_path):
     with pytest.raises(ValueError, match=r"4 workers × 1 CPU = 4 CPU, but the Ray cluster has 3"):
-        RayExecutor(job_to_dict(job(4)), 4, cpus_per_worker=1.0)
+        train(job(4), tmp_path / "big")
+
+
+def test_an_impossible_placement_fails_fast(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_runtime, "PLACEMENT_TIMEOUT_S", 2.0)
+    with pytest.raises(ValueError, match="cannot place 2 workers .* with STRICT_SPREAD on this cluster \\(1 live"):
+        train(job(2, 4, "runtime.placement=STRICT_SPREAD"), tmp_path / "spread")
+
+
+def test_unwritable_storage_and_unreachable_address_fail_fast(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = ["train", str(JOBS / "sinusoid_smoke.yaml"), "--workers", "1"]
+    assert main([*args, "--out", str(blocker / "run")]) == 1
+    assert "is not writable" in capsys.readouterr().err
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.perf_counter()
+    assert main([*args, "--out", str(tmp_path / "run"), "--address", f"127.0.0.1:{port}"]) == 1
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
+    assert time.perf_counter() - start < 30

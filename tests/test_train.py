@@ -12,7 +12,8 @@ from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
 from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import load_job
-from distmeta.runtime import LocalExecutor
+from distmeta.runtime import LocalExecutor, LocalRuntime
+from distmeta.storage import Location
 from distmeta.train import NonFiniteError, train
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -64,6 +65,13 @@ class FailingExecutor(LocalExecutor):
         return result
 
 
+def failing_runtime(job, run_dir: Path, fail_at: int, nan: bool = False) -> LocalRuntime:
+    """The in-process runtime of a new run, computing with a FailingExecutor."""
+    runtime = LocalRuntime(job, Location(run_dir), None, torch.device("cpu"))
+    runtime.executor = FailingExecutor(job, fail_at, nan)
+    return runtime
+
+
 def final_phi(run_dir: Path) -> dict:
     return load_checkpoint(checkpoints(run_dir / "checkpoints")[-1])["phi"]
 
@@ -71,7 +79,8 @@ def final_phi(run_dir: Path) -> dict:
 def test_a_crashed_run_resumed_from_the_cli_ends_with_the_same_phi(tmp_path, capsys):
     full = train(sinusoid_job(30), tmp_path / "full")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(sinusoid_job(30), tmp_path / "crashed", executor=FailingExecutor(sinusoid_job(30), fail_at=24))
+        job = sinusoid_job(30)
+        train(job, tmp_path / "crashed", runtime=failing_runtime(job, tmp_path / "crashed", fail_at=24))
     assert [p.name for p in checkpoints(tmp_path / "crashed" / "checkpoints")] == ["step_00000010.pt", "step_00000020.pt"]
     assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
     resumed = json.loads((tmp_path / "crashed" / "summary.json").read_text())
@@ -104,7 +113,7 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_math(tmp_path
 def test_non_finite_meta_gradient_stops_with_checkpoints_intact(tmp_path):
     job = sinusoid_job(30)
     with pytest.raises(NonFiniteError, match="non-finite meta-gradient at step 15 in layer1.weight"):
-        train(job, tmp_path / "nan", executor=FailingExecutor(job, fail_at=15, nan=True))
+        train(job, tmp_path / "nan", runtime=failing_runtime(job, tmp_path / "nan", fail_at=15, nan=True))
     saved = checkpoints(tmp_path / "nan" / "checkpoints")
     assert [p.name for p in saved] == ["step_00000010.pt"]
     assert all(torch.isfinite(t).all() for t in load_checkpoint(saved[0])["phi"].values())

@@ -1,4 +1,5 @@
-"""Executors: where contributions are computed. In-process here; Ray actors plug in beside it."""
-from distmeta.runtime.local import Executor, LocalExecutor
+"""Where steps run: in this process (``local``) or on Ray actors (``ray_runtime``), both
+applying contributions through the same ``ParameterStore``."""
+from distmeta.runtime.local import LocalExecutor, LocalRuntime, Rewound, Runtime
 
-__all__ = ["Executor", "LocalExecutor"]
+__all__ = ["LocalExecutor", "LocalRuntime", "Rewound", "Runtime"]

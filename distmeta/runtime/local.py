@@ -1,21 +1,31 @@
-"""The in-process executor: samples a meta-step's tasks and computes their contribution.
+"""In-process meta-training: the executor that computes a slice's contribution, and the
+runtime that applies whole meta-batches to a local parameter store.
 
-An executor is the seam between the training loop and where the math runs. This one runs
-in the calling process; a distributed executor splits the same meta-batch into task slices,
-computes each slice's contribution elsewhere with the same functions, and sums them in order.
+A runtime is the seam between the training loop and where the math runs. ``LocalRuntime``
+does everything in the calling process; ``RayRuntime`` splits each meta-batch into task
+slices computed by worker actors (each with a ``LocalExecutor``) and applied by a
+parameter-server actor (with the same ``ParameterStore``).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from typing import Protocol
+from concurrent.futures import Future
+from typing import Any, Protocol
 
 import torch
 
 from distmeta.algorithms import Algorithm, compiled, compute_contribution
+from distmeta.checkpoint import save_checkpoint
+from distmeta.components import build_job_algorithm, build_job_optimizer, build_model, build_sampler
+from distmeta.config import JobConfig, job_to_dict
 from distmeta.data.sampling import TaskSampler
 from distmeta.device import precision_context, to_device
+from distmeta.evaluate import JobEvaluator
 from distmeta.models import TaskModel
+from distmeta.runtime.parameter_store import NonFiniteError, ParameterStore, StepRecord
+from distmeta.storage import Location
 from distmeta.types import Contribution, Params, TaskBatch
 
 log = logging.getLogger("distmeta.runtime")
@@ -23,10 +33,57 @@ log = logging.getLogger("distmeta.runtime")
 AUTO_CANDIDATES = ("batched", "loop")
 
 
-class Executor(Protocol):
-    """Computes the contribution of meta-step ``step``'s tasks ``0..meta_batch-1`` at Φ."""
+class Rewound(Exception):
+    """The parameter server restarted from its checkpoint at ``step``; later steps are redone."""
 
-    def contribution(self, phi: Params, step: int, meta_batch: int) -> Contribution: ...
+    def __init__(self, step: int, lost: int) -> None:
+        super().__init__(f"parameter server restarted from its checkpoint at step {step}; {lost} step(s) to redo")
+        self.step, self.lost = step, lost
+
+
+class Runtime(Protocol):
+    """Where a run's steps are computed and applied, as the training loop sees it."""
+
+    version: int  # steps applied so far
+    path: str | None  # the executor path the steps run on
+
+    def advance(self) -> list[StepRecord]:
+        """Apply at least one more step (exactly one in sync mode) and say what was applied.
+
+        Raises:
+            Rewound: the applied state went back to a checkpoint (the loop rewinds its logs).
+        """
+
+    def validate(self) -> Future:
+        """Meta-validation of the current Φ: a future of ``{"val_<metric>": ...}``."""
+
+    def test(self) -> dict[str, float]:
+        """The final meta-test report of the current Φ."""
+
+    def checkpoint(self, extra: dict[str, Any]) -> None:
+        """Save Φ, optimizer and sampler state at the current step, plus the driver's ``extra``."""
+
+    def info(self) -> dict[str, Any]:
+        """Summary fields: mode, phi_sha256, restarts, rejected_contributions, ..."""
+
+    def close(self) -> None: ...
+
+
+def initial_phi(job: JobConfig, model: TaskModel) -> Params:
+    """Φ at step 0: the model's initialisation from the job's seed."""
+    return model.init(torch.Generator().manual_seed(job.seed))
+
+
+def phi_sha256(flat: torch.Tensor) -> str:
+    """sha256 of Φ's float32 bytes in the model's parameter order: equal iff bit-identical."""
+    return hashlib.sha256(flat.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def checkpoint_state(job: JobConfig, store_state: dict[str, Any], path: str | None,
+                     extra: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint: the store's state (Φ, optimizer, step, sampler), the resolved job, the
+    executor path and the driver's ``extra`` (elapsed time, metrics window)."""
+    return {**store_state, "config": job_to_dict(job), "path": path, **extra}
 
 
 class LocalExecutor:
@@ -71,3 +128,70 @@ class LocalExecutor:
         best = min(timings, key=timings.get)
         log.info("path auto: %s (%s)", best, ", ".join(f"{p} {t * 1000:.0f} ms/step" for p, t in timings.items()))
         return best
+
+
+class LocalRuntime:
+    """Every step computed and applied in this process (``runtime.workers: 0``)."""
+
+    def __init__(self, job: JobConfig, run: Location, state: dict[str, Any] | None, device: torch.device) -> None:
+        """``state``: the checkpoint to continue from, else start from the job's seed."""
+        self.job, self.run = job, run
+        model = build_model(job)
+        phi = {n: p.to(device) for n, p in initial_phi(job, model).items()}
+        if state is not None:
+            state = {**state, "phi": {n: p.to(device) for n, p in state["phi"].items()},
+                     "opt_state": {k: {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v
+                                   for k, v in state["opt_state"].items()}}
+        self.store = ParameterStore(phi, build_job_optimizer(job), job.train.meta_batch, state=state)
+        self.executor = LocalExecutor(model, build_job_algorithm(job), build_sampler(job),
+                                      (state or {}).get("path") or job.runtime.path, job.runtime.precision, device,
+                                      job.runtime.compile)
+        self.evaluator = JobEvaluator(job, device)
+
+    @property
+    def version(self) -> int:
+        return self.store.version
+
+    @property
+    def path(self) -> str:
+        return self.executor.path
+
+    def advance(self) -> list[StepRecord]:
+        """Raises:
+            NonFiniteError: a non-finite meta-gradient (recomputing it would give the same).
+        """
+        step = self.store.version
+        contribution = self.executor.contribution(self.store.phi(), step, self.job.train.meta_batch)
+        part = self.store.layout.flatten_contribution(contribution)
+        if self.store.submit(step, 0, part) == "rejected":
+            bad = ", ".join(self.store.layout.non_finite_names(part.grad_sum)) or "the metrics"
+            raise NonFiniteError(f"non-finite meta-gradient at step {step} in {bad}; Φ was not updated and "
+                                 "checkpoints are intact. Lower optimizer.lr or algorithm.inner_lr.")
+        return self.store.take_records()
+
+    def validate(self) -> Future:
+        future: Future = Future()
+        future.set_result(self.evaluator.validate(self.store.phi()))
+        return future
+
+    def test(self) -> dict[str, float]:
+        return self.evaluator.test(self.store.phi())
+
+    def checkpoint(self, extra: dict[str, Any]) -> None:
+        state = {k: _to_cpu(v) for k, v in self.store.state_dict().items()}
+        save_checkpoint(self.run / "checkpoints", self.store.version, checkpoint_state(self.job, state, self.path, extra),
+                        self.job.train.keep_checkpoints)
+
+    def info(self) -> dict[str, Any]:
+        return {"mode": "sync", "workers": 0, "device": str(self.executor.device), "phi_sha256": phi_sha256(self.store.flat),
+                "restarts": {"workers": 0, "server": 0}, "rejected_contributions": self.store.rejected,
+                "stale_contributions": 0}
+
+    def close(self) -> None:
+        pass
+
+
+def _to_cpu(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.cpu()
+    return {k: _to_cpu(v) for k, v in value.items()} if isinstance(value, dict) else value

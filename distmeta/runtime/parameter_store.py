@@ -1,0 +1,187 @@
+"""Φ and the outer optimizer as one flat buffer that applies summed task-slice contributions.
+
+The aggregation rules of the parameter server, without Ray, so the in-process run and the
+parameter-server actor apply the same arithmetic and both can be tested directly:
+
+* ``sync``: a step is applied once every slice of that step has arrived, summed in slice
+  (task) order, so Φ does not depend on how many workers computed the slices or when.
+* ``async``: slices are summed in arrival order as they come, and a step is applied as soon
+  as a meta-batch worth of tasks has arrived; a slice computed at a Φ more than
+  ``staleness`` versions old is dropped and counted.
+
+Either way a non-finite slice is rejected and counted, never applied.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from distmeta.optim import Optimizer, OptState
+from distmeta.types import Contribution, Params
+
+MODES = ("sync", "async")
+
+
+class NonFiniteError(FloatingPointError):
+    """A meta-gradient or Φ went NaN/infinite; Φ was not updated and checkpoints are intact."""
+
+
+class FlatContribution(NamedTuple):
+    """A slice's contribution as it travels: the summed gradient as one flat buffer."""
+
+    grad_sum: torch.Tensor
+    num_tasks: int
+    metrics: dict[str, float]  # sums over the slice's tasks
+
+
+class StepRecord(NamedTuple):
+    """What one applied step was made of (for the driver's logs)."""
+
+    step: int
+    num_tasks: int
+    metrics: dict[str, float]  # sums over the step's tasks
+
+
+class FlatLayout(NamedTuple):
+    """Names and shapes of parameters in their canonical (model) order, to move between
+    a parameter dict and one flat buffer."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, params: Params) -> "FlatLayout":
+        return cls(tuple(params), tuple(tuple(p.shape) for p in params.values()))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    def flatten(self, params: Params) -> torch.Tensor:
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: torch.Tensor) -> Params:
+        """Views into ``flat`` (no copy)."""
+        return {n: part.view(s) for n, s, part in zip(self.names, self.shapes, flat.split(self.sizes))}
+
+    def flatten_contribution(self, contribution: Contribution) -> FlatContribution:
+        return FlatContribution(self.flatten(contribution.grad_sum), contribution.num_tasks,
+                                {k: float(v) for k, v in contribution.metrics.items()})
+
+    def non_finite_names(self, flat: torch.Tensor) -> list[str]:
+        return [n for n, part in self.unflatten(flat).items() if not torch.isfinite(part).all()]
+
+
+class ParameterStore:
+    """Φ (one flat float32 buffer for float32 models), the optimizer state, the version (= steps applied) and the
+    aggregation of contributions into steps."""
+
+    def __init__(self, phi: Params, optimizer: Optimizer, meta_batch: int, slices: int = 1, mode: str = "sync",
+                 staleness: int = 0, state: dict[str, Any] | None = None) -> None:
+        """``state``: a ``state_dict()`` to continue from (a checkpoint), else start at ``phi``.
+
+        Raises:
+            ValueError: unknown mode.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.layout, self.optimizer = FlatLayout.of(phi), optimizer
+        self.meta_batch, self.slices, self.mode, self.staleness = meta_batch, slices, mode, staleness
+        if state is None:
+            self.flat = self.layout.flatten(phi).clone()
+            self.opt_state = optimizer.init({"phi": self.flat})
+            self.version, self.tickets, self.rejected, self.stale = 0, 0, 0, 0
+        else:
+            self.flat = self.layout.flatten(state["phi"]).clone()
+            self.opt_state = {k: {"phi": self.layout.flatten(v)} if isinstance(v, dict) else v
+                              for k, v in state["opt_state"].items()}
+            self.version = int(state["step"])
+            self.tickets = int(state.get("sampler", {}).get("next_ticket", self.version * slices))
+            self.rejected, self.stale = int(state.get("rejected", 0)), int(state.get("stale", 0))
+        self.records: list[StepRecord] = []
+        self._parts: dict[int, FlatContribution] = {}  # sync: this step's slices by index
+        self._pending: FlatContribution | None = None  # async: the running sum towards the next step
+
+    def phi(self) -> Params:
+        return self.layout.unflatten(self.flat)
+
+    def ticket(self) -> tuple[int, int]:
+        """The next (step, slice index) of the task stream for an async worker to compute."""
+        ticket, self.tickets = self.tickets, self.tickets + 1
+        return divmod(ticket, self.slices)
+
+    def submit(self, version: int, index: int, part: FlatContribution) -> str:
+        """Take slice ``index`` computed at Φ version ``version``.
+
+        Returns one of ``applied`` (this slice completed a step), ``pending`` (kept, the
+        step waits for more), ``duplicate`` (a retried slice already here; ignored),
+        ``stale`` (computed at a Φ this store no longer accepts; dropped) or ``rejected``
+        (non-finite; dropped).
+
+        Raises:
+            NonFiniteError: the update itself made Φ non-finite (Φ is left unchanged).
+        """
+        if not torch.isfinite(part.grad_sum).all() or not all(math.isfinite(v) for v in part.metrics.values()):
+            self.rejected += 1
+            return "rejected"
+        if self.mode == "sync":
+            if version != self.version:
+                return "stale"
+            if index in self._parts:
+                return "duplicate"
+            self._parts[index] = part
+            if len(self._parts) < self.slices:
+                return "pending"
+            ordered = [self._parts[i] for i in range(self.slices)]
+            self._parts = {}
+            return self._apply(_sum(ordered))
+        if self.version - version > self.staleness:
+            self.stale += 1
+            return "stale"
+        self._pending = part if self._pending is None else _sum([self._pending, part])
+        if self._pending.num_tasks < self.meta_batch:
+            return "pending"
+        total, self._pending = self._pending, None
+        return self._apply(total)
+
+    def _apply(self, total: FlatContribution) -> str:
+        grads = total.grad_sum / total.num_tasks
+        new_phi, new_state = self.optimizer.update({"phi": self.flat}, {"phi": grads}, self.opt_state)
+        if not torch.isfinite(new_phi["phi"]).all():
+            bad = ", ".join(self.layout.non_finite_names(new_phi["phi"]))
+            raise NonFiniteError(f"non-finite updated Φ at step {self.version} in {bad}; Φ was not updated "
+                                 "and checkpoints are intact. Lower optimizer.lr.")
+        self.flat, self.opt_state = new_phi["phi"], new_state
+        self.records.append(StepRecord(self.version, total.num_tasks, total.metrics))
+        self.version += 1
+        return "applied"
+
+    def take_records(self) -> list[StepRecord]:
+        """The steps applied since the last call."""
+        records, self.records = self.records, []
+        return records
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds, with Φ and the optimizer moments as named parameters."""
+        return {
+            "phi": {n: t.clone() for n, t in self.phi().items()},
+            "opt_state": {k: self.layout.unflatten(v["phi"].clone()) if isinstance(v, dict) else v
+                          for k, v in self.opt_state.items()},
+            "step": self.version,
+            "sampler": {"next_step": self.version, "next_ticket": self.tickets},
+            "rejected": self.rejected,
+            "stale": self.stale,
+        }
+
+
+def _sum(parts: list[FlatContribution]) -> FlatContribution:
+    """Left to right, so the float sum is reproducible."""
+    grad = parts[0].grad_sum.clone()
+    metrics = dict(parts[0].metrics)
+    for part in parts[1:]:
+        grad += part.grad_sum
+        for k, v in part.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v
+    return FlatContribution(grad, sum(p.num_tasks for p in parts), metrics)

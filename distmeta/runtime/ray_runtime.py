@@ -1,0 +1,386 @@
+"""Meta-training on Ray: a parameter-server actor, task-worker actors and an evaluator actor.
+
+The thin distributed shell over the in-process pieces. The ``ParameterServer`` holds a
+``ParameterStore`` (Φ as one flat buffer, the outer optimizer, the aggregation rules) and
+publishes each new Φ once with ``ray.put``. ``TaskWorker``s hold a ``LocalExecutor``,
+regenerate their tasks from the counter-based sampler (no task tensors cross the network),
+and push their slice's summed gradient straight to the server. The ``Evaluator`` scores Φ
+on meta-validation tasks beside training. The driver (``RayRuntime``) only hands out slices
+and reads back what was applied.
+
+Faults: a worker that dies is restarted by Ray and its call retried; a retried slice that
+had already arrived is ignored, so Φ is as if nothing happened. A server that dies is
+restarted and reloads the newest checkpoint; the driver rewinds to that step (counter-based
+tasks make the recomputed steps identical). Non-finite slices are rejected and recomputed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from distmeta.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from distmeta.components import build_job_algorithm, build_job_optimizer, build_model, build_sampler
+from distmeta.config import JobConfig, job_from_dict, job_to_dict
+from distmeta.device import resolve_device
+from distmeta.evaluate import JobEvaluator
+from distmeta.runtime.local import LocalExecutor, Rewound, checkpoint_state, initial_phi, phi_sha256
+from distmeta.runtime.parameter_store import FlatContribution, FlatLayout, NonFiniteError, ParameterStore, StepRecord
+from distmeta.storage import Location
+
+log = logging.getLogger("distmeta.runtime")
+
+FORWARDED_ENV = ("DISTMETA_OMNIGLOT", "DISTMETA_CACHE")
+MAX_RESTARTS = 3  # an actor that keeps dying fails the run instead of retrying forever
+MAX_NON_FINITE_RETRIES = 2  # recomputations of a step whose slices came back non-finite
+PLACEMENT_TIMEOUT_S = 60.0
+ASYNC_POLL_S = 0.05
+
+
+def task_slices(meta_batch: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous, nearly equal slices of ``0..meta_batch-1`` in task order (none empty)."""
+    workers = min(workers, meta_batch)
+    bounds = [round(i * meta_batch / workers) for i in range(workers + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+class ParameterServer:
+    """Owns Φ, the optimizer state and the checkpoints; applies pushed slices by the job's mode."""
+
+    def __init__(self, job_dict: dict[str, Any], run_uri: str, slices: int) -> None:
+        job = self.job = job_from_dict(job_dict, "server job")
+        self.checkpoints = Location(run_uri) / "checkpoints"
+        found = checkpoints(self.checkpoints)
+        state = load_checkpoint(found[-1]) if found else None
+        self.store = ParameterStore(initial_phi(job, build_model(job)), build_job_optimizer(job), job.train.meta_batch,
+                                    slices, job.runtime.mode, job.runtime.staleness, state)
+        self.stopped = False
+        self._publish()
+
+    def _publish(self) -> None:
+        self.phi_ref = ray.put(self.store.flat)  # one copy in the object store, read by every worker
+
+    def pull(self) -> tuple[int, list[ray.ObjectRef]]:
+        """The current version and Φ (the reference wrapped in a list, so it is not fetched here)."""
+        return self.store.version, [self.phi_ref]
+
+    def push(self, version: int, index: int, part: FlatContribution) -> str:
+        if self.stopped or self.store.version >= self.job.train.steps:
+            return "stale"
+        status = self.store.submit(version, index, part)
+        if status == "applied":
+            self._publish()
+        return status
+
+    def ticket(self) -> tuple[int, list[ray.ObjectRef], int, int] | None:
+        """Async mode: (version, Φ, step, slice index) of the next slice to compute; None when done."""
+        if self.stopped or self.store.version >= self.job.train.steps:
+            return None
+        step, index = self.store.ticket()
+        return self.store.version, [self.phi_ref], step, index
+
+    def status(self) -> dict[str, Any]:
+        return {"version": self.store.version, "records": self.store.take_records(), "pid": os.getpid(),
+                "rejected": self.store.rejected, "stale": self.store.stale}
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def checkpoint(self, path: str | None, extra: dict[str, Any]) -> int:
+        state = checkpoint_state(self.job, self.store.state_dict(), path, extra)
+        save_checkpoint(self.checkpoints, self.store.version, state, self.job.train.keep_checkpoints)
+        return self.store.version
+
+    def flat(self) -> torch.Tensor:
+        return self.store.flat
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+class TaskWorker:
+    """Builds the job's pieces once, then computes slices at the Φ versions it is handed."""
+
+    def __init__(self, job_dict: dict[str, Any], threads: int, path: str, layout: FlatLayout) -> None:
+        torch.set_num_threads(threads)
+        job = job_from_dict(job_dict, "worker job")
+        self.device = resolve_device("cuda" if job.runtime.worker_gpus > 0 else "cpu")  # what Ray reserved for it
+        self.executor = LocalExecutor(build_model(job), build_job_algorithm(job), build_sampler(job), path,
+                                      job.runtime.precision, self.device, job.runtime.compile)
+        self.layout, self.cached = layout, (-1, None)
+
+    def _phi(self, version: int, phi_ref: ray.ObjectRef) -> dict[str, torch.Tensor]:
+        if self.cached[0] != version:  # fetched once per version
+            self.cached = (version, self.layout.unflatten(ray.get(phi_ref).to(self.device)))
+        return self.cached[1]
+
+    def _compute(self, version: int, phi_ref: ray.ObjectRef, step: int, start: int, stop: int) -> FlatContribution:
+        contribution = self.executor.slice_contribution(self._phi(version, phi_ref), step, start, stop)
+        part = self.layout.flatten_contribution(contribution)
+        return part._replace(grad_sum=part.grad_sum.cpu())
+
+    def compute(self, server: Any, version: int, phi: list[ray.ObjectRef], index: int, start: int,
+                stop: int) -> tuple[str, int]:
+        """Sync mode: slice ``index`` (tasks ``start..stop-1``) of step ``version``, pushed to the
+        server; returns the server's verdict and this process's id (a new one after a restart)."""
+        part = self._compute(version, phi[0], version, start, stop)
+        return ray.get(server.push.remote(version, index, part)), os.getpid()
+
+    def run_async(self, server: Any, slices: list[tuple[int, int]]) -> int:
+        """Async mode: compute and push tickets until the server has no more; returns how many."""
+        done = 0
+        while (ticket := ray.get(server.ticket.remote())) is not None:
+            version, phi, step, index = ticket
+            start, stop = slices[index]
+            ray.get(server.push.remote(version, index, self._compute(version, phi[0], step, start, stop)))
+            done += 1
+        return done
+
+    def identity(self) -> tuple[str, int]:
+        """(Ray node id, process id): where this worker runs now."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+class Evaluator:
+    """Scores Φ on meta-validation / meta-test tasks beside training."""
+
+    def __init__(self, job_dict: dict[str, Any], threads: int, layout: FlatLayout) -> None:
+        torch.set_num_threads(threads)
+        job = job_from_dict(job_dict, "evaluator job")
+        self.evaluator = JobEvaluator(job, resolve_device("cuda" if job.runtime.evaluator_gpus > 0 else "cpu"))
+        self.layout = layout
+
+    def validate(self, phi: list[ray.ObjectRef]) -> dict[str, float]:
+        return self.evaluator.validate(self.layout.unflatten(ray.get(phi[0])))
+
+    def test(self, phi: list[ray.ObjectRef]) -> dict[str, float]:
+        return self.evaluator.test(self.layout.unflatten(ray.get(phi[0])))
+
+
+class RayRuntime:
+    """Drives a run on Ray: slices out to the workers, steps applied by the server."""
+
+    def __init__(self, job: JobConfig, run: Location, state: dict[str, Any] | None) -> None:
+        """``state``: the checkpoint the server will continue from (read here only for its path).
+
+        Raises:
+            ValueError: the cluster cannot hold the workers (too few CPUs/GPUs, or the
+                placement strategy cannot be satisfied within a minute).
+        """
+        rt = job.runtime
+        self.job, self.mode = job, rt.mode
+        job_dict = job_to_dict(job)
+        path = (state or {}).get("path") or rt.path
+        self.path = "batched" if path == "auto" else path  # every worker runs the same arithmetic
+        self.slices = task_slices(job.train.meta_batch, rt.workers)
+        layout = FlatLayout.of(initial_phi(job, build_model(job)))
+        options = {"runtime_env": {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}}
+        self.group = reserve_workers(len(self.slices), rt.worker_cpus, rt.worker_gpus, rt.placement)
+        threads = max(1, int(rt.worker_cpus))
+        self.workers = [TaskWorker.options(num_cpus=rt.worker_cpus, num_gpus=rt.worker_gpus, **options,
+                                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i))
+                        .remote(job_dict, threads, self.path, layout) for i in range(len(self.slices))]
+        # The server writes the checkpoints: keep it on the driver's node, which reaches the storage.
+        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.server = ParameterServer.options(num_cpus=0, scheduling_strategy=beside_driver, **options).remote(
+            job_dict, run.uri, len(self.slices))
+        self.evaluator = Evaluator.options(num_cpus=rt.evaluator_cpus, num_gpus=rt.evaluator_gpus, **options).remote(
+            job_dict, max(1, int(rt.evaluator_cpus)), layout)
+        identities = ray.get([w.identity.remote() for w in self.workers])
+        self.worker_nodes = [node for node, _ in identities]
+        self.worker_pids = [pid for _, pid in identities]
+        status = ray.get(self.server.status.remote())
+        self.version, self.server_pid = status["version"], status["pid"]
+        self.rejected, self.stale, self.restarts = status["rejected"], status["stale"], {"workers": 0, "server": 0}
+        self.loops: list[ray.ObjectRef] = []
+        log.info("ray: %d task workers (%s placement, %s) on nodes %s, parameter server at step %d",
+                 len(self.workers), rt.placement, self.mode, sorted(set(self.worker_nodes)), self.version)
+
+    def advance(self) -> list[StepRecord]:
+        """Raises:
+            Rewound: the server restarted from an earlier checkpoint.
+            NonFiniteError: a step's slices stayed non-finite after retries.
+        """
+        return self._sync_step() if self.mode == "sync" else self._async_wait()
+
+    def _sync_step(self) -> list[StepRecord]:
+        non_finite = 0
+        while True:
+            version, phi = ray.get(self.server.pull.remote())
+            self._check_server(version)
+            calls = [w.compute.remote(self.server, version, phi, i, a, b)
+                     for i, (w, (a, b)) in enumerate(zip(self.workers, self.slices))]
+            try:
+                outcome = ray.get(calls)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                outcome = []  # the server died under the workers: see below what it restarted from
+            self._count_worker_restarts([pid for _, pid in outcome])
+            status = self._status()
+            if status["version"] == version + 1:
+                return status["records"]
+            self._check_server(status["version"])
+            if any(result == "rejected" for result, _ in outcome):
+                non_finite += 1
+                if non_finite > MAX_NON_FINITE_RETRIES:
+                    raise NonFiniteError(f"step {version}: contributions stayed non-finite after "
+                                         f"{MAX_NON_FINITE_RETRIES} recomputations; Φ was not updated and "
+                                         "checkpoints are intact. Lower optimizer.lr or algorithm.inner_lr.")
+                log.warning("step %d: non-finite contribution(s) rejected (%d so far); recomputing the step",
+                            version, self.rejected)
+
+    def _async_wait(self) -> list[StepRecord]:
+        if not self.loops:
+            self.loops = [w.run_async.remote(self.server, self.slices) for w in self.workers]
+        rejected_before = self.rejected
+        while True:
+            finished, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+            ray.get(finished)  # a worker loop that failed raises here
+            status = self._status()
+            self._check_server(status["version"])
+            self.version = status["version"]
+            if status["records"]:
+                return status["records"]
+            if self.rejected - rejected_before > MAX_NON_FINITE_RETRIES * len(self.slices):
+                raise NonFiniteError(f"step {self.version}: {self.rejected - rejected_before} non-finite "
+                                     "contributions rejected in a row; Φ was not updated. Lower optimizer.lr "
+                                     "or algorithm.inner_lr.")
+            if len(finished) == len(self.loops):
+                return []
+            time.sleep(ASYNC_POLL_S)
+
+    def _status(self) -> dict[str, Any]:
+        status = ray.get(self.server.status.remote())
+        self.rejected, self.stale = status["rejected"], status["stale"]
+        if status["pid"] != self.server_pid:
+            log.warning("parameter server was restarted (pid %d → %d)", self.server_pid, status["pid"])
+            self.server_pid = status["pid"]
+            self.restarts["server"] += 1
+        if status["version"] >= self.version:
+            self.version = status["version"]
+        return status
+
+    def _count_worker_restarts(self, pids: list[int]) -> None:
+        for i, pid in enumerate(pids):
+            if pid != self.worker_pids[i]:
+                self.restarts["workers"] += 1
+                log.warning("task worker %d was restarted (pid %d → %d); its slice was recomputed",
+                            i, self.worker_pids[i], pid)
+                self.worker_pids[i] = pid
+
+    def _check_server(self, version: int) -> None:
+        """Raise ``Rewound`` when the server came back at an earlier step than the driver's."""
+        if version < self.version:
+            self._status()  # counts the restart
+            lost, self.version = self.version - version, version
+            log.warning("parameter server restarted from its checkpoint at step %d: %d step(s) of work lost, "
+                        "recomputing them", version, lost)
+            raise Rewound(version, lost)
+
+    def _phi(self) -> list[ray.ObjectRef]:
+        return ray.get(self.server.pull.remote())[1]
+
+    def validate(self) -> Future:
+        return self.evaluator.validate.remote(self._phi()).future()
+
+    def test(self) -> dict[str, float]:
+        return ray.get(self.evaluator.test.remote(self._phi()))
+
+    def checkpoint(self, extra: dict[str, Any]) -> None:
+        ray.get(self.server.checkpoint.remote(self.path, extra))
+
+    def info(self) -> dict[str, Any]:
+        self._status()
+        self._count_worker_restarts([pid for _, pid in ray.get([w.identity.remote() for w in self.workers])])
+        return {"mode": self.mode, "workers": len(self.workers),
+                "device": "cuda" if self.job.runtime.worker_gpus > 0 else "cpu", "placement": self.job.runtime.placement,
+                "worker_nodes": self.worker_nodes, "phi_sha256": phi_sha256(ray.get(self.server.flat.remote())),
+                "restarts": dict(self.restarts), "rejected_contributions": self.rejected,
+                "stale_contributions": self.stale}
+
+    def close(self) -> None:
+        if self.loops:  # let the async loops end before their actors go
+            ray.get(self.server.stop.remote())
+            ray.wait(self.loops, num_returns=len(self.loops), timeout=30)
+        for actor in (*self.workers, self.server, self.evaluator):
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.group)
+
+
+def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str):
+    """A placement group of one bundle per worker, ready, so all workers start together.
+
+    Raises:
+        ValueError: the cluster (or every node) has too few CPUs/GPUs, or the strategy
+            cannot be met within ``PLACEMENT_TIMEOUT_S`` (Ray would wait forever).
+    """
+    total = ray.cluster_resources()
+    largest = {r: max((n["Resources"].get(r, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+               for r in ("CPU", "GPU")}
+    for resource, each in (("CPU", cpus), ("GPU", gpus)):
+        key = f"runtime.worker_{resource.lower()}s"
+        if workers * each > total.get(resource, 0.0):
+            raise ValueError(f"{workers} workers × {each:g} {resource} = {workers * each:g} {resource}, but the "
+                             f"Ray cluster has {total.get(resource, 0.0):g}; lower runtime.workers or {key}")
+        if each > largest[resource]:
+            raise ValueError(f"one worker asks for {each:g} {resource} but the largest node has "
+                             f"{largest[resource]:g}; lower {key}")
+    bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    group = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy)
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(group)
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        raise ValueError(f"cannot place {workers} workers of {bundle} with {strategy} on this cluster ({nodes} live "
+                         f"nodes) within {PLACEMENT_TIMEOUT_S:g} s; use another runtime.placement or fewer workers")
+    return group
+
+
+class RaySession:
+    """Connects to ``address`` (else ``$RAY_ADDRESS``), or starts a new embedded local Ray,
+    unless this process is already connected; on exit shuts down only what it started.
+
+    Raises (on enter):
+        ValueError: an address was given but this process is already connected elsewhere,
+            or nothing answers at a ``host:port`` address.
+    """
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.started = False
+
+    def __enter__(self) -> "RaySession":
+        if self.address:
+            check_reachable(self.address)
+        if ray.is_initialized():
+            if self.address:
+                raise ValueError(f"Ray is already initialised in this process; cannot also join {self.address}")
+            return self
+        ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False)
+        self.started = True
+        log.info("ray: %s", f"connected to {self.address}" if self.address else "new embedded local instance")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.started:
+            ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` cluster address where nothing listens (``ray.init`` would
+    keep retrying for a long time). Other forms (``auto``, ``ray://``) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ValueError(f"no Ray cluster answers at {address} ({error}); check runtime.address / --address / "
+                         "$RAY_ADDRESS") from None

@@ -1,0 +1,106 @@
+"""The parameter server's aggregation rules, without Ray."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distmeta.optim import adam, sgd
+from distmeta.runtime.parameter_store import FlatContribution, FlatLayout, NonFiniteError, ParameterStore
+
+
+def params(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"conv.weight": torch.randn(4, 3, 3, generator=g), "head.bias": torch.randn(5, generator=g)}
+
+
+def part(seed: int, tasks: int, loss: float = 1.0) -> FlatContribution:
+    grad = torch.randn(4 * 3 * 3 + 5, generator=torch.Generator().manual_seed(seed))
+    return FlatContribution(grad, tasks, {"loss": loss * tasks})
+
+
+def test_layout_round_trips_in_model_order():
+    phi = params()
+    layout = FlatLayout.of(phi)
+    flat = layout.flatten(phi)
+    assert flat.shape == (41,) and layout.names == ("conv.weight", "head.bias")
+    assert all(torch.equal(phi[n], t) for n, t in layout.unflatten(flat).items())
+
+
+def test_flat_adam_equals_adam_on_the_parameter_dict():
+    """Adam is elementwise, so one flat buffer gives the very same bits as per-tensor updates."""
+    phi, optimizer = params(), adam(1e-2)
+    store = ParameterStore(phi, optimizer, meta_batch=4)
+    reference, state = phi, optimizer.init(phi)
+    for step in range(3):
+        contribution = part(step, 4)
+        assert store.submit(step, 0, contribution) == "applied"
+        grads = {n: g / 4 for n, g in store.layout.unflatten(contribution.grad_sum).items()}
+        reference, state = optimizer.update(reference, grads, state)
+    assert all(torch.equal(store.phi()[n], reference[n]) for n in reference)
+
+
+def test_sync_sums_slices_in_task_order_whatever_the_arrival_order():
+    forward, backward = (ParameterStore(params(), adam(1e-2), meta_batch=10, slices=3) for _ in range(2))
+    parts = [part(0, 3), part(1, 3), part(2, 4)]
+    assert [forward.submit(0, i, p) for i, p in enumerate(parts)] == ["pending", "pending", "applied"]
+    assert [backward.submit(0, i, parts[i]) for i in (2, 0, 1)] == ["pending", "pending", "applied"]
+    assert torch.equal(forward.flat, backward.flat)
+    expected = params()
+    mean = (parts[0].grad_sum + parts[1].grad_sum + parts[2].grad_sum) / 10
+    sgd_store = ParameterStore(params(), sgd(0.5), meta_batch=10, slices=3)
+    for i, p in enumerate(parts):
+        sgd_store.submit(0, i, p)
+    assert torch.equal(sgd_store.flat, FlatLayout.of(expected).flatten(expected) - 0.5 * mean)
+    [record] = forward.take_records()
+    assert record.step == 0 and record.num_tasks == 10 and record.metrics["loss"] == 10.0
+
+
+def test_sync_ignores_duplicates_and_drops_other_versions():
+    store = ParameterStore(params(), sgd(0.1), meta_batch=4, slices=2)
+    assert store.submit(0, 0, part(0, 2)) == "pending"
+    assert store.submit(0, 0, part(5, 2)) == "duplicate"  # a retried slice: the first copy counts
+    assert store.submit(1, 1, part(1, 2)) == "stale"
+    assert store.submit(0, 1, part(1, 2)) == "applied"
+    twin = ParameterStore(params(), sgd(0.1), meta_batch=4, slices=2)
+    twin.submit(0, 0, part(0, 2)), twin.submit(0, 1, part(1, 2))
+    assert torch.equal(store.flat, twin.flat) and store.version == 1
+
+
+def test_non_finite_slices_are_rejected_counted_and_never_applied():
+    store = ParameterStore(params(), sgd(0.1), meta_batch=2, slices=1)
+    before = store.flat.clone()
+    bad = part(0, 2)
+    bad.grad_sum[3] = float("nan")
+    assert store.submit(0, 0, bad) == "rejected"
+    assert store.submit(0, 0, part(0, 2, loss=float("inf"))) == "rejected"
+    assert store.rejected == 2 and store.version == 0 and torch.equal(store.flat, before)
+    assert store.submit(0, 0, part(0, 2)) == "applied"
+
+
+def test_an_update_that_makes_phi_non_finite_raises_and_keeps_phi():
+    store = ParameterStore(params(), sgd(1e38), meta_batch=1)
+    before = store.flat.clone()
+    with pytest.raises(NonFiniteError, match="non-finite updated Φ at step 0"):
+        store.submit(0, 0, FlatContribution(torch.full((41,), 1e38), 1, {}))
+    assert torch.equal(store.flat, before) and store.version == 0
+
+
+def test_async_applies_a_meta_batch_of_arrivals_and_drops_too_stale_ones():
+    store = ParameterStore(params(), sgd(0.1), meta_batch=4, slices=2, mode="async", staleness=1)
+    assert [store.ticket() for _ in range(3)] == [(0, 0), (0, 1), (1, 0)]
+    assert store.submit(0, 1, part(0, 2)) == "pending"
+    assert store.submit(0, 0, part(1, 2)) == "applied"  # version 1 now
+    assert store.submit(0, 0, part(2, 2)) == "pending"  # one version old: allowed
+    assert store.submit(1, 1, part(3, 2)) == "applied"  # version 2
+    assert store.submit(0, 1, part(4, 2)) == "stale"  # two versions old: dropped
+    assert store.stale == 1 and store.version == 2
+
+
+def test_state_dict_continues_exactly():
+    store = ParameterStore(params(), adam(1e-2), meta_batch=2, slices=1)
+    store.submit(0, 0, part(0, 2))
+    resumed = ParameterStore(params(seed=9), adam(1e-2), meta_batch=2, slices=1, state=store.state_dict())
+    for s in (store, resumed):
+        s.submit(1, 0, part(1, 2))
+    assert torch.equal(store.flat, resumed.flat) and resumed.version == 2
+    assert store.state_dict()["sampler"] == {"next_step": 2, "next_ticket": 0}
