@@ -89,8 +89,9 @@ class ParameterServer:
         return self.store.version, [self.phi_ref], step, index
 
     def status(self) -> dict[str, Any]:
-        return {"version": self.store.version, "records": self.store.take_records(), "pid": os.getpid(),
-                "rejected": self.store.rejected, "stale": self.store.stale}
+        """Version, Φ, the steps applied since the last call and the counters, in one round trip."""
+        return {"version": self.store.version, "phi": [self.phi_ref], "records": self.store.take_records(),
+                "pid": os.getpid(), "rejected": self.store.rejected, "stale": self.store.stale}
 
     def stop(self) -> None:
         self.stopped = True
@@ -197,7 +198,7 @@ class RayRuntime:
         identities = ray.get([w.identity.remote() for w in self.workers])
         self.worker_nodes = [node for node, _ in identities]
         self.worker_pids = [pid for _, pid in identities]
-        status = ray.get(self.server.status.remote())
+        status = self.last = ray.get(self.server.status.remote())
         self.version, self.server_pid = status["version"], status["pid"]
         self.rejected, self.stale, self.restarts = status["rejected"], status["stale"], {"workers": 0, "server": 0}
         self.loops: list[ray.ObjectRef] = []
@@ -214,7 +215,7 @@ class RayRuntime:
     def _sync_step(self) -> list[StepRecord]:
         non_finite = 0
         while True:
-            version, phi = ray.get(self.server.pull.remote())
+            version, phi = self.last["version"], self.last["phi"]  # as of the end of the last step
             self._check_server(version)
             calls = [w.compute.remote(self.server, version, phi, i, a, b)
                      for i, (w, (a, b)) in enumerate(zip(self.workers, self.slices))]
@@ -257,7 +258,7 @@ class RayRuntime:
             time.sleep(ASYNC_POLL_S)
 
     def _status(self) -> dict[str, Any]:
-        status = ray.get(self.server.status.remote())
+        status = self.last = ray.get(self.server.status.remote())
         self.rejected, self.stale = status["rejected"], status["stale"]
         if status["pid"] != self.server_pid:
             log.warning("parameter server was restarted (pid %d → %d)", self.server_pid, status["pid"])
