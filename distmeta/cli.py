@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job, load_run_job
 from distmeta.data.omniglot import DataError
@@ -70,21 +69,26 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="distmeta", description="Meta-training (MAML, Reptile) at scale.")
     commands = top.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="meta-train a job file into a run directory")
+    train = commands.add_parser(
+        "train", help="meta-train a job file into a run directory",
+        description="Meta-train a job file into a run directory (a folder or a pyarrow.fs URI). In this process, "
+                    "or with --workers N on Ray: N task-worker actors and a parameter-server actor (job keys "
+                    "runtime.mode sync|async, runtime.staleness, runtime.placement, runtime.worker_cpus/gpus).")
     train.add_argument("job", nargs="?", help="YAML job file (see jobs/); omitted with --resume")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a job key, e.g. --set train.steps=100 (repeatable); "
-                            "with --resume only train.* and the runtime's worker keys may change")
-    train.add_argument("--out", help="run directory (default runs/<name>-<date>-<time>); must hold no run yet")
+                            "with --resume only train.* and the runtime's resource keys may change")
+    train.add_argument("--out", help="run location: a folder or a URI such as s3://bucket/runs/x (default "
+                                     "<runtime.storage or runs>/<name>-<date>-<time>); must hold no run yet")
     train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue RUN_DIR from its newest checkpoint, with its own config")
+                       help="continue RUN_DIR (folder or URI) from its newest checkpoint, with its own config")
     train.add_argument("--workers", type=int, help="Ray task-worker actors (same as --set runtime.workers=N)")
     train.add_argument("--address", help="Ray cluster address (same as --set runtime.address=...; default "
                                          "$RAY_ADDRESS, else an embedded local Ray)")
     train.set_defaults(run=_train)
 
     ev = commands.add_parser("eval", help="re-evaluate a run's checkpoint on fresh tasks")
-    ev.add_argument("run_dir")
+    ev.add_argument("run_dir", help="run folder or URI")
     ev.add_argument("--tasks", type=int, help="number of tasks (default: the job's eval.tasks)")
     ev.add_argument("--steps", type=int, help="adaptation steps (default: the job's eval.inner_steps)")
     ev.add_argument("--split", choices=("train", "val", "test"), help="default: the job's eval.split")

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from distmeta.optim import Optimizer, OptState
+from distmeta.optim import Optimizer
 from distmeta.types import Contribution, Params
 
 MODES = ("sync", "async")

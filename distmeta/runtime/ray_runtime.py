@@ -33,7 +33,13 @@ from distmeta.config import JobConfig, job_from_dict, job_to_dict
 from distmeta.device import resolve_device
 from distmeta.evaluate import JobEvaluator
 from distmeta.runtime.local import LocalExecutor, Rewound, checkpoint_state, initial_phi, phi_sha256
-from distmeta.runtime.parameter_store import FlatContribution, FlatLayout, NonFiniteError, ParameterStore, StepRecord
+from distmeta.runtime.parameter_store import (
+    FlatContribution,
+    FlatLayout,
+    NonFiniteError,
+    ParameterStore,
+    StepRecord,
+)
 from distmeta.storage import Location
 
 log = logging.getLogger("distmeta.runtime")
