@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from fnmatch import fnmatch
@@ -65,8 +66,10 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
     _check_run(job, run, resume)
     run.check_writable()
     local_dir = run.local or _staging_dir(run)
-    if resume and run.local is None:
-        run.download_to(local_dir, skip=("checkpoints",))
+    if run.local is None:  # the staging copy starts from what the run location holds, nothing else
+        shutil.rmtree(local_dir, ignore_errors=True)
+        if resume:
+            run.download_to(local_dir, skip=("checkpoints",))
     local_dir.mkdir(parents=True, exist_ok=True)
     (local_dir / "config.json").write_text(json.dumps(job_to_dict(job), indent=2))
     file_log = logging.FileHandler(local_dir / "train.log")
