@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job, load_run_job
 from distmeta.data.omniglot import DataError
@@ -50,6 +51,19 @@ def _toy(args: argparse.Namespace) -> int:
     from distmeta.toy import run_toy
 
     run_toy(args.out or time.strftime("runs/toy-%Y%m%d-%H%M%S"), steps=args.steps, seed=args.seed)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from distmeta.sweep import load_sweep, sweep
+
+    spec, base = load_sweep(args.sweep)
+    summary = sweep(spec, base, args.out or Path("runs") / spec.name, args.resume, args.address)
+    best = summary["best_test"]
+    print(f"sweep {spec.name}: {summary['trials']} trials, {summary['stopped_early']} stopped early; best "
+          f"{summary['best_config']} with {spec.metric} {summary[f'best_{spec.metric}']:.4g}; on "
+          f"{best['tasks']} meta-test tasks {best['metric']} {best[best['metric']]:.4f} ± {best['ci95']:.4f} (95% CI)")
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -101,6 +115,14 @@ def parser() -> argparse.ArgumentParser:
     toy.add_argument("--steps", type=int, default=None, help="meta-training steps per method")
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(run=_toy)
+
+    sw = commands.add_parser("sweep", help="hyperparameter sweep with Ray Tune (ASHA), each trial a Ray run")
+    sw.add_argument("sweep", help="YAML sweep file (see jobs/sweep_*.yaml)")
+    sw.add_argument("--out", help="sweep folder (default runs/<sweep name>)")
+    sw.add_argument("--resume", action="store_true",
+                    help="finish the sweep in its folder after the driver stopped; completed trials are kept")
+    sw.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
+    sw.set_defaults(run=_sweep)
 
     validate = commands.add_parser("validate", help="check job files without running them")
     validate.add_argument("jobs", nargs="+")

@@ -143,7 +143,8 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+def build_config(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """An instance of the dataclass ``cls`` from a mapping, appending every problem found."""
     if not isinstance(raw, dict):
         problems.append(f"{prefix.rstrip('.') or 'job'}: expected a mapping, got {type(raw).__name__}")
         return cls()
@@ -157,7 +158,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value, f"{where}.", problems)
+            values[key] = build_config(hint, value, f"{where}.", problems)
         elif _type_ok(hint, value):
             allowed = names[key].metadata.get("choices")
             if allowed and value not in allowed:
@@ -262,7 +263,7 @@ def job_from_dict(raw: Any, source: str = "job") -> JobConfig:
         ConfigError: listing every unknown key, wrong type and impossible value.
     """
     problems: list[str] = []
-    job = _build(JobConfig, raw, "", problems)
+    job = build_config(JobConfig, raw, "", problems)
     if not problems:
         problems = _check_values(job)
     if problems:

@@ -74,6 +74,7 @@ class PendingRows:
     def __init__(self, metrics_log: MetricsLog, progress: "Progress") -> None:
         self.log, self.progress = metrics_log, progress
         self.queue: deque[tuple[int, dict[str, float], Future | None]] = deque()
+        self.written: list[dict[str, float]] = []  # rows written since the caller last cleared it
 
     def add(self, step: int, values: dict[str, float], validation: Future | None) -> None:
         log.info(self.progress.line(step, values))
@@ -89,6 +90,7 @@ class PendingRows:
                 log.info("step %d validation: %s", step, " ".join(f"{k} {v:.4g}" for k, v in result.items()))
                 values = values | result
             self.log.write(step, values)
+            self.written.append({"step": step, **values})
 
     def drop_after(self, step: int) -> None:
         self.queue = deque(row for row in self.queue if row[0] <= step)

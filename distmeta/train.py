@@ -16,7 +16,7 @@ import tempfile
 import time
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,8 +44,11 @@ def default_run_dir(job: JobConfig) -> str:
     return f"{(job.runtime.storage or 'runs').rstrip('/')}/{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+CheckpointHook = Callable[[int, Location, list[dict[str, float]]], None]
+
+
 def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
-          runtime: Runtime | None = None) -> dict[str, Any]:
+          runtime: Runtime | None = None, on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
     """Meta-train ``job`` into the run location ``out`` (a folder or a ``pyarrow.fs`` URI)
     and return the summary also written to summary.json.
 
@@ -53,6 +56,8 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
     state, step, the executor path, the training time spent and the metrics since the last
     log carry over, so the run ends with the same Φ as an uninterrupted one (sync mode).
     ``runtime`` replaces the one the job names (tests use it to inject faults).
+    ``on_checkpoint(step, checkpoint, rows)`` runs after each checkpoint with the metrics rows
+    written since the previous one (a Ray Tune trial reports them).
 
     Raises:
         FileExistsError: ``out`` already holds checkpoints and ``resume`` is off.
@@ -85,7 +90,7 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
             if runtime is None:
                 runtime = _make_runtime(job, run, state, stack)
             stack.callback(runtime.close)
-            return _train(job, run, local_dir, runtime, state)
+            return _train(job, run, local_dir, runtime, state, on_checkpoint)
     finally:
         log.removeHandler(file_log)
         file_log.close()
@@ -128,8 +133,8 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime,
-           state: dict[str, Any] | None) -> dict[str, Any]:
+def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, state: dict[str, Any] | None,
+           on_checkpoint: CheckpointHook | None) -> dict[str, Any]:
     tr = job.train
     step = runtime.version
     progress = Progress(tr.steps, tr.meta_batch, tr.time_limit_s, step, (state or {}).get("elapsed_s", 0.0))
@@ -143,6 +148,9 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime,
         runtime.checkpoint({"elapsed_s": progress.elapsed(), "window": dict(window)})
         if run.local is None:
             run.upload_from(local_dir)
+        if on_checkpoint is not None:
+            on_checkpoint(step, latest_checkpoint(run / "checkpoints"), rows.written)
+        rows.written = []
 
     try:
         while step < tr.steps and not progress.out_of_time():

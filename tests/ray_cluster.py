@@ -84,6 +84,39 @@ def alive(identities: set[Identity]) -> set[Identity]:
             if pid in table and table[pid][3] == start and table[pid][0] != "Z"}
 
 
+def process_tree(root: int) -> set[Identity]:
+    """``root`` and all its descendants now (e.g. a driver and the local Ray it started)."""
+    table = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = set(), [root]
+    while stack:
+        pid = stack.pop()
+        if pid in table and (pid, table[pid][3]) not in found:
+            found.add((pid, table[pid][3]))
+            stack.extend(children.get(pid, []))
+    return found
+
+
+def kill(identities: set[Identity], timeout_s: float = 10.0) -> None:
+    """SIGKILL exactly these processes (a hard crash) and wait until none is left.
+
+    Raises:
+        RuntimeError: some are still running after ``timeout_s``.
+    """
+    for pid, _ in alive(identities):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while alive(identities) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(identities):
+        raise RuntimeError(f"still running after SIGKILL: {sorted(pid for pid, _ in alive(identities))}")
+
+
 class LocalRayCluster:
     """A head node without CPUs (it runs the GCS, the dashboard and job drivers) and ``workers``
     worker nodes of ``cpus_per_worker`` CPUs, all ``ray start``-ed from this venv on this machine.

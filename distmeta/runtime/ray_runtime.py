@@ -24,7 +24,12 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from distmeta.checkpoint import checkpoints, load_checkpoint, save_checkpoint
@@ -190,24 +195,30 @@ class RayRuntime:
         self.slices = task_slices(job.train.meta_batch, rt.workers)
         layout = FlatLayout.of(initial_phi(job, build_model(job)))
         options = {"runtime_env": {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}}
-        self.group = reserve_workers(len(self.slices), rt.worker_cpus, rt.worker_gpus, rt.placement)
-        threads = max(1, int(rt.worker_cpus))
-        self.workers = [TaskWorker.options(num_cpus=rt.worker_cpus, num_gpus=rt.worker_gpus, **options,
-                                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i))
-                        .remote(job_dict, threads, self.path, layout) for i in range(len(self.slices))]
-        # The server writes the checkpoints: keep it on the driver's node, which reaches the storage.
-        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.server = ParameterServer.options(num_cpus=0, scheduling_strategy=beside_driver, **options).remote(
-            job_dict, run.uri, len(self.slices))
-        self.evaluator = Evaluator.options(num_cpus=rt.evaluator_cpus, num_gpus=rt.evaluator_gpus, **options).remote(
-            job_dict, max(1, int(rt.evaluator_cpus)), layout)
-        identities = ray.get([w.identity.remote() for w in self.workers])
-        self.worker_nodes = [node for node, _ in identities]
-        self.worker_pids = [pid for _, pid in identities]
-        status = self.last = ray.get(self.server.status.remote())
-        self.version, self.server_pid = status["version"], status["pid"]
-        self.rejected, self.stale, self.restarts = status["rejected"], status["stale"], {"workers": 0, "server": 0}
+        self.group, bundles = reserve_workers(len(self.slices), rt.worker_cpus, rt.worker_gpus, rt.placement)
+        self.owns_group = self.group != get_current_placement_group()
+        self.workers, self.server, self.evaluator = [], None, None
         self.loops: list[ray.ObjectRef] = []
+        try:
+            threads = max(1, int(rt.worker_cpus))
+            self.workers = [TaskWorker.options(num_cpus=rt.worker_cpus, num_gpus=rt.worker_gpus, **options,
+                                               scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, bundle))
+                            .remote(job_dict, threads, self.path, layout) for bundle in bundles]
+            # The server writes the checkpoints: keep it on the driver's node, which reaches the storage.
+            beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            self.server = ParameterServer.options(num_cpus=0, scheduling_strategy=beside_driver, **options).remote(
+                job_dict, run.uri, len(self.slices))
+            self.evaluator = Evaluator.options(num_cpus=rt.evaluator_cpus, num_gpus=rt.evaluator_gpus, **options).remote(
+                job_dict, max(1, int(rt.evaluator_cpus)), layout)
+            identities = ray.get([w.identity.remote() for w in self.workers])
+            self.worker_nodes = [node for node, _ in identities]
+            self.worker_pids = [pid for _, pid in identities]
+            status = self.last = ray.get(self.server.status.remote())
+            self.version, self.server_pid = status["version"], status["pid"]
+            self.rejected, self.stale, self.restarts = status["rejected"], status["stale"], {"workers": 0, "server": 0}
+        except BaseException:  # leave nothing behind: actors, reservation
+            self.close()
+            raise
         log.info("ray: %d task workers (%s placement, %s) on nodes %s, parameter server at step %d",
                  len(self.workers), rt.placement, self.mode, sorted(set(self.worker_nodes)), self.version)
 
@@ -317,17 +328,27 @@ class RayRuntime:
             ray.get(self.server.stop.remote())
             ray.wait(self.loops, num_returns=len(self.loops), timeout=30)
         for actor in (*self.workers, self.server, self.evaluator):
-            ray.kill(actor, no_restart=True)
-        remove_placement_group(self.group)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        if self.owns_group:
+            remove_placement_group(self.group)
 
 
-def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str):
-    """A placement group of one bundle per worker, ready, so all workers start together.
+def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str) -> tuple[PlacementGroup, list[int]]:
+    """A placement group with one bundle per worker, ready, so all workers start together,
+    and the workers' bundle indices. Inside a Ray Tune trial, whose placement group already
+    reserves the workers (its last bundles), that group.
 
     Raises:
         ValueError: the cluster (or every node) has too few CPUs/GPUs, or the strategy
             cannot be met within ``PLACEMENT_TIMEOUT_S`` (Ray would wait forever).
     """
+    current = get_current_placement_group()
+    if current is not None:
+        count = len(current.bundle_specs)
+        if count < workers:
+            raise ValueError(f"this placement group has {count} bundles, fewer than the {workers} workers")
+        return current, list(range(count - workers, count))
     total = ray.cluster_resources()
     largest = {r: max((n["Resources"].get(r, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
                for r in ("CPU", "GPU")}
@@ -347,7 +368,7 @@ def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str):
         nodes = sum(1 for n in ray.nodes() if n["Alive"])
         raise ValueError(f"cannot place {workers} workers of {bundle} with {strategy} on this cluster ({nodes} live "
                          f"nodes) within {PLACEMENT_TIMEOUT_S:g} s; use another runtime.placement or fewer workers")
-    return group
+    return group, list(range(workers))
 
 
 class RaySession:
