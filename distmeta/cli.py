@@ -69,9 +69,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
+    from distmeta.sweep import is_sweep_file, load_sweep
+
     for path in args.jobs:
         try:
-            load_job(path, args.set)
+            if is_sweep_file(path):
+                load_sweep(path)
+            else:
+                load_job(path, args.set)
             print(f"{path}: ok")
         except (ConfigError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
@@ -124,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
     sw.set_defaults(run=_sweep)
 
-    validate = commands.add_parser("validate", help="check job files without running them")
+    validate = commands.add_parser("validate", help="check job (and sweep) files without running them")
     validate.add_argument("jobs", nargs="+")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate.set_defaults(run=_validate)

@@ -73,6 +73,15 @@ class SweepConfig:
         return "max" if self.metric.endswith("accuracy") else "min"
 
 
+def is_sweep_file(path: str | Path) -> bool:
+    """A sweep file names a search ``space``; a job file never does."""
+    try:
+        raw = parse_yaml(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "space" in raw
+
+
 def load_sweep(path: str | Path) -> tuple[SweepConfig, dict]:
     """A validated sweep and its base job (as a raw mapping, overrides applied).
 

@@ -7,14 +7,15 @@ import pytest
 
 from distmeta.cli import main
 from distmeta.config import ConfigError, job_from_dict, load_job
+from distmeta.sweep import is_sweep_file, load_sweep
 
 JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
-def test_every_shipped_job_file_validates(path):
-    job = load_job(path)
-    assert job.name == path.stem
+def test_every_shipped_job_and_sweep_file_validates(path):
+    spec = load_sweep(path)[0] if is_sweep_file(path) else load_job(path)
+    assert spec.name == path.stem
     assert path.read_text().startswith("#"), "job files open with a comment giving the launch command"
 
 
