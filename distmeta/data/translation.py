@@ -1,0 +1,252 @@
+"""X→English translation tasks (meta-learning for low-resource NMT, Gu et al. 2018).
+
+Sentence pairs come from any Parquet file with columns ``src_lang, tgt_lang, split, src,
+tgt`` (or from line-aligned plain-text files). Text goes through Moses punctuation
+normalisation and tokenisation, then one sentencepiece model shared by all languages, which
+is trained on training-split text only (never a dev or test sentence). The encoded pairs are
+written once as an Arrow IPC file that every worker memory-maps. A task is one source
+language; its support and query sets are token-budgeted batches of that language's pairs,
+drawn by the same counter-based rule as every other sampler.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from distmeta.data.omniglot import DataError
+from distmeta.data.sampling import task_rng
+from distmeta.types import TaskBatch
+
+REQUIRED_COLUMNS = ("src_lang", "tgt_lang", "split", "src", "tgt")
+DATA_SPLIT = {"train": "train", "val": "dev", "test": "test"}  # sampler split -> the data's split name
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+MOSES_LANGUAGE = {"eng": "en", "deu": "de", "fra": "fr", "spa": "es", "ita": "it", "por": "pt", "nld": "nl",
+                  "ces": "cs", "pol": "pl", "ron": "ro", "fin": "fi", "hun": "hu", "ell": "el", "lav": "lv",
+                  "lit": "lt", "est": "et", "slv": "sl", "isl": "is", "swe": "sv", "dan": "da", "cat": "ca"}
+
+
+def read_pairs(path: str | Path, languages: Sequence[str] | None = None,
+               splits: Sequence[str] | None = None) -> pa.Table:
+    """The pairs of a Parquet file, optionally only some source languages and splits.
+
+    Raises:
+        DataError: no such file, not Parquet, or a required column missing (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no translation data at {path}; expected a Parquet file with columns "
+                        f"{', '.join(REQUIRED_COLUMNS)}")
+    try:
+        schema = pq.read_schema(path)
+    except pa.ArrowException as error:
+        raise DataError(f"{path} is not a readable Parquet file: {error}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; translation data needs "
+                        f"{', '.join(REQUIRED_COLUMNS)} (has {', '.join(schema.names)})")
+    filters = [("src_lang", "in", list(languages))] if languages else []
+    filters += [("split", "in", list(splits))] if splits else []
+    table = pq.read_table(path, columns=list(REQUIRED_COLUMNS), filters=filters or None)
+    if languages:
+        absent = sorted(set(languages) - set(table.column("src_lang").unique().to_pylist()))
+        if absent:
+            raise DataError(f"{path} has no pairs for language(s) {', '.join(absent)}")
+    return table
+
+
+def read_parallel_text(src_path: str | Path, tgt_path: str | Path, src_lang: str, split: str,
+                       tgt_lang: str = "eng") -> pa.Table:
+    """Pairs from two line-aligned plain-text files, as a table like ``read_pairs``'.
+
+    Raises:
+        DataError: a file is missing or the two have different line counts.
+    """
+    lines = []
+    for path in (Path(src_path), Path(tgt_path)):
+        if not path.is_file():
+            raise DataError(f"no parallel text file {path}")
+        lines.append(path.read_text(encoding="utf-8").splitlines())
+    if len(lines[0]) != len(lines[1]):
+        raise DataError(f"{src_path} has {len(lines[0])} lines but {tgt_path} has {len(lines[1])}; "
+                        "parallel files must be line-aligned")
+    n = len(lines[0])
+    return pa.table({"src_lang": [src_lang] * n, "tgt_lang": [tgt_lang] * n, "split": [split] * n,
+                     "src": lines[0], "tgt": lines[1]})
+
+
+@lru_cache(maxsize=None)
+def _moses(lang: str):
+    from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
+
+    code = MOSES_LANGUAGE.get(lang, "en")  # Moses' rules are per language; English's are a safe default
+    return MosesPunctNormalizer(lang=code), MosesTokenizer(lang=code), MosesDetokenizer(lang=code)
+
+
+def pretokenize(text: str, lang: str) -> str:
+    """Moses punctuation normalisation and tokenisation (no HTML escaping)."""
+    normalizer, tokenizer, _ = _moses(lang)
+    return " ".join(tokenizer.tokenize(normalizer.normalize(text), escape=False))
+
+
+def detokenize(text: str, lang: str) -> str:
+    """Undo ``pretokenize``'s splitting, for scoring on plain text."""
+    return _moses(lang)[2].detokenize(text.split())
+
+
+@dataclass(eq=False)
+class TextPipeline:
+    """Moses pre-tokenisation, then the shared sentencepiece model (ids 0–3: pad, unk, bos, eos;
+    characters outside its vocabulary fall back to bytes, so decoding is lossless)."""
+
+    model_file: Path
+    processor: object = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        import sentencepiece as spm
+
+        self.processor = spm.SentencePieceProcessor(model_file=str(self.model_file))
+
+    @classmethod
+    def train(cls, table: pa.Table, model_file: str | Path, vocab_size: int) -> "TextPipeline":
+        """Train the shared model on both sides of ``table``'s pairs (all of them, in order, so
+        the same table gives the same model).
+
+        Raises:
+            DataError: ``table`` holds dev or test pairs (the model must never see them).
+        """
+        import sentencepiece as spm
+
+        held_out = sorted(set(table.column("split").to_pylist()) - {"train"})
+        if held_out:
+            raise DataError(f"the sentencepiece model is trained on training pairs only, got split(s) {held_out}")
+        model_file = Path(model_file)
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt") as corpus:
+            for lang, src, tgt_lang, tgt in zip(*(table.column(c).to_pylist()
+                                                  for c in ("src_lang", "src", "tgt_lang", "tgt"))):
+                corpus.write(pretokenize(src, lang) + "\n" + pretokenize(tgt, tgt_lang) + "\n")
+            corpus.flush()
+            spm.SentencePieceTrainer.train(
+                input=corpus.name, model_prefix=str(model_file.with_suffix("")), vocab_size=vocab_size,
+                model_type="unigram", character_coverage=0.9995, byte_fallback=True, pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+                input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+        return cls(model_file.with_suffix(".model"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    def encode(self, text: str, lang: str) -> list[int]:
+        return self.processor.encode(pretokenize(text, lang))
+
+    def decode(self, ids: Sequence[int], lang: str = "eng") -> str:
+        """Ids (stopping at the first eos, skipping pads and bos) back to plain text."""
+        ids = list(ids)
+        ids = ids[:ids.index(EOS)] if EOS in ids else ids
+        return detokenize(self.processor.decode([i for i in ids if i not in (PAD, BOS)]), lang)
+
+
+def encode_store(table: pa.Table, pipeline: TextPipeline, path: str | Path) -> Path:
+    """Encode every pair once into an Arrow IPC file (``src_lang, split, src_ids, tgt_ids``)
+    that samplers memory-map, so workers share the pages instead of copying the corpus."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    langs, tgt_langs = table.column("src_lang").to_pylist(), table.column("tgt_lang").to_pylist()
+    src = [pipeline.encode(t, lang) for t, lang in zip(table.column("src").to_pylist(), langs)]
+    tgt = [pipeline.encode(t, lang) for t, lang in zip(table.column("tgt").to_pylist(), tgt_langs)]
+    encoded = pa.table({"src_lang": table.column("src_lang"), "split": table.column("split"),
+                        "src_ids": pa.array(src, pa.list_(pa.int32())), "tgt_ids": pa.array(tgt, pa.list_(pa.int32()))})
+    temporary = path.with_suffix(".tmp")
+    with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, encoded.schema) as writer:
+        writer.write_table(encoded)
+    temporary.replace(path)
+    return path
+
+
+def open_store(path: str | Path) -> pa.Table:
+    """The encoded pairs, memory-mapped (zero-copy)."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+class _Ragged:
+    """One list<int32> column as (offsets, values) numpy views, for cheap row slicing."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        array = column.combine_chunks()
+        self.offsets, self.values = array.offsets.to_numpy(), array.values.to_numpy()
+
+    def row(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+
+class TranslationTasks:
+    """Task ``index`` of meta-step ``step``: a source language drawn uniformly from
+    ``languages``, a support set of pairs filling ``support_tokens`` target tokens and a
+    disjoint query set filling ``query_tokens``, all from the split's pairs of that language.
+
+    A batch of tasks is padded to common sizes: source ids (T, B, S) and target ids
+    (T, B, L) with bos/eos around each target; a padded sentence is all ``PAD``.
+    """
+
+    def __init__(self, store: pa.Table, languages: Sequence[str], support_tokens: int, query_tokens: int,
+                 max_len: int = 64, seed: int = 0) -> None:
+        """Raises:
+            DataError: a language without pairs in some split, or whose sentences cannot fill
+                a support and a query set.
+        """
+        self.languages, self.seed, self.max_len = tuple(languages), seed, max_len
+        self.support_tokens, self.query_tokens = support_tokens, query_tokens
+        self.src, self.tgt = _Ragged(store.column("src_ids")), _Ragged(store.column("tgt_ids"))
+        self.rows: dict[tuple[str, str], np.ndarray] = {}
+        for lang in self.languages:
+            for split in DATA_SPLIT.values():
+                mask = pc.and_(pc.equal(store.column("src_lang"), lang), pc.equal(store.column("split"), split))
+                rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+                if len(rows) < 2:
+                    raise DataError(f"language {lang!r} has {len(rows)} pair(s) in split {split!r}; a task "
+                                    "needs a support and a query set")
+                self.rows[lang, split] = rows
+
+    def _fill(self, rows: np.ndarray, budget: int) -> tuple[list[int], np.ndarray]:
+        """The leading rows whose target tokens (with bos/eos) fit ``budget`` (at least one)."""
+        taken, used = [], 0
+        for position, row in enumerate(rows):
+            cost = min(len(self.tgt.row(row)), self.max_len) + 2
+            if taken and used + cost > budget:
+                return taken, rows[position:]
+            taken.append(int(row))
+            used += cost
+        return taken, rows[len(taken):]
+
+    def sample(self, split: str, step: int, start: int, stop: int) -> TaskBatch:
+        tasks = []
+        for index in range(start, stop):
+            rng = task_rng(self.seed, split, step, index)
+            lang = self.languages[rng.integers(len(self.languages))]
+            order = rng.permutation(self.rows[lang, DATA_SPLIT[split]])
+            support, rest = self._fill(order, self.support_tokens)  # leaves >= 1 row: every split has >= 2
+            query, _ = self._fill(rest, self.query_tokens)
+            tasks.append((support, query))
+        return TaskBatch(self._pad([s for s, _ in tasks]), self._pad([q for _, q in tasks]))
+
+    def _pad(self, tasks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(rows) for rows in tasks)
+        src_len = max(min(len(self.src.row(r)), self.max_len) for rows in tasks for r in rows)
+        tgt_len = max(min(len(self.tgt.row(r)), self.max_len) for rows in tasks for r in rows) + 2
+        src = torch.full((len(tasks), width, src_len), PAD, dtype=torch.long)
+        tgt = torch.full((len(tasks), width, tgt_len), PAD, dtype=torch.long)
+        for t, rows in enumerate(tasks):
+            for b, row in enumerate(rows):
+                source, target = self.src.row(row)[:self.max_len], self.tgt.row(row)[:self.max_len]
+                src[t, b, :len(source)] = torch.from_numpy(source.astype(np.int64))
+                tgt[t, b, :len(target) + 2] = torch.tensor([BOS, *target.tolist(), EOS])
+        return src, tgt

@@ -1,0 +1,137 @@
+"""Translation task data on the real Tatoeba pairs: reading and its errors, the text pipeline,
+the memory-mapped store and the counter-based language tasks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distmeta.data.omniglot import DataError
+from distmeta.data.translation import (
+    BOS,
+    EOS,
+    PAD,
+    TextPipeline,
+    TranslationTasks,
+    detokenize,
+    encode_store,
+    open_store,
+    pretokenize,
+    read_pairs,
+    read_parallel_text,
+)
+
+TATOEBA = Path(__file__).resolve().parents[2] / "shared" / "data" / "translation" / "tatoeba_x2en.parquet"
+LANGS = ("deu", "fra", "ron")
+
+pytestmark = pytest.mark.skipif(not TATOEBA.is_file(), reason=f"real translation data not found at {TATOEBA}")
+
+
+@pytest.fixture(scope="module")
+def pairs() -> pa.Table:
+    return read_pairs(TATOEBA, LANGS)
+
+
+@pytest.fixture(scope="module")
+def pipeline(pairs, tmp_path_factory) -> TextPipeline:
+    train = pairs.filter(pa.compute.equal(pairs.column("split"), "train")).slice(0, 6000)
+    return TextPipeline.train(train, tmp_path_factory.mktemp("spm") / "shared.model", vocab_size=2000)
+
+
+@pytest.fixture(scope="module")
+def store_file(pairs, pipeline, tmp_path_factory) -> Path:
+    """300 pairs per language and split, encoded."""
+    small = pa.concat_tables([pairs.filter(pa.compute.and_(pa.compute.equal(pairs.column("src_lang"), lang),
+                                                           pa.compute.equal(pairs.column("split"), split))).slice(0, 300)
+                              for lang in LANGS for split in ("train", "dev", "test")])
+    return encode_store(small, pipeline, tmp_path_factory.mktemp("store") / "pairs.arrow")
+
+
+@pytest.fixture(scope="module")
+def tasks(store_file) -> TranslationTasks:
+    return TranslationTasks(open_store(store_file), LANGS, support_tokens=120, query_tokens=80, max_len=40, seed=3)
+
+
+def test_read_pairs_filters_languages_and_splits(pairs):
+    assert set(pairs.column("src_lang").unique().to_pylist()) == set(LANGS)
+    assert set(pairs.column("tgt_lang").unique().to_pylist()) == {"eng"}
+    dev = read_pairs(TATOEBA, ["ron"], ["dev"])
+    assert dev.num_rows == 500 and set(dev.column("split").to_pylist()) == {"dev"}
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no translation data at"):
+        read_pairs(tmp_path / "missing.parquet")
+    pq.write_table(pa.table({"src_lang": ["deu"], "src": ["Hallo"]}), tmp_path / "thin.parquet")
+    with pytest.raises(DataError, match="lacks column\\(s\\) tgt_lang, split, tgt"):
+        read_pairs(tmp_path / "thin.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        read_pairs(tmp_path / "junk.parquet")
+    with pytest.raises(DataError, match="no pairs for language\\(s\\) xxx"):
+        read_pairs(TATOEBA, ["deu", "xxx"])
+    (tmp_path / "a.txt").write_text("eins\nzwei\n")
+    (tmp_path / "b.txt").write_text("one\n")
+    with pytest.raises(DataError, match="has 2 lines but .* has 1"):
+        read_parallel_text(tmp_path / "a.txt", tmp_path / "b.txt", "deu", "train")
+
+
+def test_plain_text_pairs_read_like_parquet(tmp_path):
+    (tmp_path / "src.txt").write_text("Guten Morgen.\nDanke!\n")
+    (tmp_path / "tgt.txt").write_text("Good morning.\nThanks!\n")
+    table = read_parallel_text(tmp_path / "src.txt", tmp_path / "tgt.txt", "deu", "train")
+    assert table.column_names == ["src_lang", "tgt_lang", "split", "src", "tgt"]
+    assert table.column("tgt").to_pylist() == ["Good morning.", "Thanks!"]
+
+
+def test_moses_round_trip_and_sentencepiece_decoding(pairs, pipeline):
+    assert pretokenize("Don't stop, Tom!", "eng") == "Don 't stop , Tom !"
+    english = pairs.filter(pa.compute.equal(pairs.column("split"), "train")).column("tgt").to_pylist()[:200]
+    exact = sum(pipeline.decode(pipeline.encode(text, "eng")) == detokenize(pretokenize(text, "eng"), "eng")
+                for text in english)
+    assert exact == 200  # lossless: characters outside the vocabulary fall back to bytes
+    ids = pipeline.encode("Ich habe Hunger.", "deu")
+    assert all(i > EOS for i in ids) and pipeline.decode([BOS, *ids, EOS, PAD], "deu") == "Ich habe Hunger."
+
+
+def test_the_tokeniser_refuses_held_out_text(pairs, tmp_path):
+    with pytest.raises(DataError, match="training pairs only, got split\\(s\\) \\['dev', 'test'\\]"):
+        TextPipeline.train(pairs.slice(0, 100_000), tmp_path / "x.model", vocab_size=500)
+
+
+def test_store_is_memory_mapped(store_file, pipeline):
+    before = pa.total_allocated_bytes()
+    store = open_store(store_file)
+    assert pa.total_allocated_bytes() - before < 10_000  # the pages are mapped, not copied
+    assert store.num_rows == 2700
+    first = read_pairs(TATOEBA, ["deu"], ["train"]).column("src")[0].as_py()
+    assert store.column("src_ids")[0].as_py() == pipeline.encode(first, "deu")
+
+
+def test_tasks_are_counter_based_budgeted_and_disjoint(tasks):
+    batch = tasks.sample("train", 7, 0, 4)
+    again = tasks.sample("train", 7, 2, 4)
+    (src, tgt), (qsrc, qtgt) = batch
+    assert src.dim() == 3 and src.shape[0] == 4 and tgt[:, :, 0].max() <= BOS
+    for t in range(2):  # a slice regenerates the same tasks (padding may differ)
+        for part, whole in zip((again.support[1], again.query[1]), (tgt, qtgt)):
+            rows = [tuple(r[r != PAD].tolist()) for r in part[t] if (r != PAD).any()]
+            assert rows == [tuple(r[r != PAD].tolist()) for r in whole[2 + t] if (r != PAD).any()]
+    for t in range(4):
+        support = {tuple(r[r != PAD].tolist()) for r in src[t] if (r != PAD).any()}
+        query = {tuple(r[r != PAD].tolist()) for r in qsrc[t] if (r != PAD).any()}
+        assert support and query and not support & query
+        assert int((tgt[t] != PAD).sum()) <= 120 or len(support) == 1
+    assert not torch.equal(tasks.sample("train", 8, 0, 4).support[1], tgt)  # another step, other tasks
+
+
+def test_validation_tasks_come_from_dev_pairs(tasks, pairs, pipeline):
+    dev_sources = {tuple(pipeline.encode(s, lang)[:40]) for s, lang, split in zip(
+        *(pairs.column(c).to_pylist() for c in ("src", "src_lang", "split"))) if split == "dev"}
+    (src, _), _ = tasks.sample("val", 0, 0, 3)
+    for sentence in src.reshape(-1, src.shape[-1]):
+        if (sentence != PAD).any():
+            assert tuple(sentence[sentence != PAD].tolist()) in dev_sources
