@@ -1,0 +1,347 @@
+"""Ray parameter-server runtime: overhead, scaling, parameter-server cost, sync vs async.
+
+All cases run on one embedded local Ray started here (``ray.init(num_cpus=2)``) and shut
+down at the end. The Omniglot job is jobs/omniglot_5w1s.yaml (5-way 1-shot, second-order
+MAML, conv4, meta-batch 32, Q = 15) on the per-task loop path, 1 torch thread per process.
+
+1. Ray overhead: the job in-process (``LocalRuntime``) vs on 1 task worker of 1 CPU.
+2. Scaling: the same on 2 task workers of 1 CPU each; as a control without Ray, 2 plain
+   processes computing the two 16-task slices of each step side by side (no Φ exchange).
+   Throughput of cases 1-2 is tasks/s of ``advance()`` alone: runtimes are built, their actors
+   ready and one warm-up step done before the clock starts. Each of the three is timed in
+   single steps alternating with single in-process steps (``--pairs`` pairs), so the machine's
+   drift hits both sides of a ratio alike; 2 workers / 1 worker is the ratio of their speed-ups.
+3. Parameter-server cost: ms per sync step of the real ``ParameterServer`` actor (sinusoid
+   MLP job sized to 0.1M-50M parameters) with 1, 2, 4 fake workers that fetch Φ and push a
+   precomputed slice (no task compute), from the fan-out to the server's status showing the
+   next version; the apply (``ParameterStore.submit``) and ``ray.put`` of Φ are also timed
+   in-process on their own, for the split.
+4. sync vs async (staleness 2) on 2 workers for the same wall-clock budget: tasks/s and
+   meta-test accuracy (one seed).
+
+    DISTMETA_OMNIGLOT=../shared/data/omniglot python bench/ray_runtime.py [--quick] [--json bench/results/ray_runtime.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from distmeta.components import build_job_algorithm, build_job_optimizer, build_model, build_sampler
+from distmeta.config import JobConfig, job_to_dict, load_job
+from distmeta.runtime.local import LocalExecutor, LocalRuntime, initial_phi
+from distmeta.runtime.parameter_store import FlatContribution, FlatLayout, ParameterStore
+from distmeta.runtime.ray_runtime import ParameterServer, RayRuntime, task_slices
+from distmeta.storage import Location
+
+ROOT = Path(__file__).resolve().parent.parent
+OMNIGLOT_JOB = ROOT / "jobs" / "omniglot_5w1s.yaml"
+SINUSOID_JOB = ROOT / "jobs" / "sinusoid_smoke.yaml"
+# The same arithmetic in and out of Ray: ``path: auto`` picks the loop in-process on this CPU but
+# means ``batched`` on Ray workers, which would measure the path instead of the runtime.
+OMNIGLOT_SETTINGS = ["runtime.path=loop", "runtime.threads=1", "runtime.worker_cpus=1", "train.steps=1000000",
+                     "train.val_every=0"]
+PS_SIZES = {"0.1M": 100_000, "1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000}
+PS_STEPS = {"0.1M": 30, "1M": 20, "10M": 10, "50M": 5}  # timed steps per (size, workers), after 2 warm-up steps
+PS_TARGET_MS = {"10M": 50.0}  # per sync step, at every worker count
+TARGETS = {"1 worker / in-process": 0.9, "2 workers / 1 worker": 1.7}  # throughput ratios
+
+
+def omniglot_job(workers: int, extra: tuple[str, ...] = ()) -> JobConfig:
+    """The Omniglot job with the settings above on ``workers`` Ray workers (0: in-process)."""
+    return load_job(OMNIGLOT_JOB, [*OMNIGLOT_SETTINGS, f"runtime.workers={workers}", *extra])
+
+
+@contextlib.contextmanager
+def ray_runtime(job: JobConfig) -> Iterator[RayRuntime]:
+    """A ``RayRuntime`` whose actors (evaluator included) have finished starting; closed on exit."""
+    with tempfile.TemporaryDirectory() as out:
+        runtime = RayRuntime(job, Location(out), None)
+        try:
+            ray.get(runtime.evaluator.__ray_ready__.remote())  # its data loading must not overlap the timing
+            yield runtime
+        finally:
+            runtime.close()
+
+
+def timed_steps(runtime: LocalRuntime | RayRuntime, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` calls to ``advance()``."""
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        runtime.advance()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+@functools.cache
+def slice_executor() -> tuple[LocalExecutor, dict[str, torch.Tensor]]:
+    """This process's executor of the Omniglot job and Φ at step 0 (built on first use)."""
+    torch.set_num_threads(1)
+    job = omniglot_job(0)
+    model = build_model(job)
+    return LocalExecutor(model, build_job_algorithm(job), build_sampler(job), job.runtime.path), initial_phi(job, model)
+
+
+def slice_seconds(start: int, stop: int, steps: int) -> float:
+    """Seconds to compute tasks ``start..stop-1`` of ``steps`` meta-steps (Φ fixed)."""
+    executor, phi = slice_executor()
+    begin = time.perf_counter()
+    for step in range(steps):
+        executor.slice_contribution(phi, step, start, stop)
+    return time.perf_counter() - begin
+
+
+def two_processes(pools: list[ProcessPoolExecutor], slices: list[tuple[int, int]], steps: int) -> float:
+    """Seconds of the slower of two processes computing one slice each, side by side."""
+    futures = [pool.submit(slice_seconds, start, stop, steps) for pool, (start, stop) in zip(pools, slices)]
+    return max(future.result() for future in futures)
+
+
+def paired(local: LocalRuntime, other: Callable[[], float], pairs: int) -> dict[str, Any]:
+    """Alternating single steps, in-process then ``other``: seconds of each, and the median of
+    the per-pair speed-ups (in-process seconds / other seconds)."""
+    local_s, other_s = [], []
+    for _ in range(pairs):
+        local_s += timed_steps(local, 1)
+        other_s.append(other())
+    return {"in_process_s": local_s, "other_s": other_s,
+            "speedup": statistics.median(a / b for a, b in zip(local_s, other_s))}
+
+
+def throughput_cases(pairs: int) -> dict[str, Any]:
+    """Cases 1 and 2: each of 2 plain processes (no Ray), 1 and 2 Ray workers against the
+    in-process runtime, alternating single steps so that the machine's drift hits both alike."""
+    jobs = {"in-process": omniglot_job(0), "1 worker": omniglot_job(1), "2 workers": omniglot_job(2)}
+    meta_batch = jobs["in-process"].train.meta_batch
+    halves = task_slices(meta_batch, 2)
+    found: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
+        pools = [stack.enter_context(ProcessPoolExecutor(1, get_context("spawn"))) for _ in halves]
+        local = LocalRuntime(jobs["in-process"], Location(out), None, torch.device("cpu"))
+        local.advance()  # warm-up
+        two_processes(pools, halves, 1)  # builds and warms both processes
+        found["2 processes, no Ray"] = paired(local, lambda: two_processes(pools, halves, 1), pairs)
+        for name in ("1 worker", "2 workers"):
+            with ray_runtime(jobs[name]) as runtime:
+                runtime.advance()  # warm-up: first fetch of Φ, allocator, oneDNN
+                found[name] = paired(local, lambda: timed_steps(runtime, 1)[0], pairs)
+    for name, f in found.items():
+        f["tasks_per_s"] = meta_batch / statistics.median(f["other_s"])
+        print(f"  {name}: {f['tasks_per_s']:.1f} tasks/s, {f['speedup']:.2f}× in-process", flush=True)
+    local_s = [t for f in found.values() for t in f["in_process_s"]]
+    return {"meta_batch": meta_batch, "pairs": pairs, "in_process_tasks_per_s": meta_batch / statistics.median(local_s),
+            "runs": found,
+            "ratios": {"1 worker / in-process": found["1 worker"]["speedup"],
+                       "2 workers / 1 worker": found["2 workers"]["speedup"] / found["1 worker"]["speedup"],
+                       "2 workers / in-process": found["2 workers"]["speedup"],
+                       "2 processes, no Ray / in-process": found["2 processes, no Ray"]["speedup"],
+                       "2 workers / 2 processes, no Ray": found["2 workers"]["speedup"]
+                       / found["2 processes, no Ray"]["speedup"]}}
+
+
+@ray.remote(num_cpus=0)
+class FakeWorker:
+    """A task worker without the task compute: fetches Φ, pushes a precomputed slice."""
+
+    def __init__(self, size: int, num_tasks: int) -> None:
+        self.part = FlatContribution(torch.full((size,), 1e-3), num_tasks, {"loss": float(num_tasks)})
+
+    def step(self, server: Any, version: int, phi: list[ray.ObjectRef], index: int) -> tuple[float, float]:
+        """(fetch, push) seconds: ``ray.get`` of Φ, then the push round trip (queueing behind the
+        other pushes, transfer, and the apply + publish when this slice completes the step)."""
+        start = time.perf_counter()
+        ray.get(phi[0])
+        fetched = time.perf_counter()
+        status = ray.get(server.push.remote(version, index, self.part))
+        if status not in ("pending", "applied"):
+            raise RuntimeError(f"push at version {version} answered {status!r}")
+        return fetched - start, time.perf_counter() - fetched
+
+
+def mlp_job(params: int) -> tuple[JobConfig, int]:
+    """The sinusoid MLP job with hidden [h, h] of about ``params`` parameters (h² + 4h + 1), and
+    its exact parameter count."""
+    hidden = round((math.sqrt(16 + 4 * (params - 1)) - 4) / 2)
+    job = load_job(SINUSOID_JOB, [f"model.hidden=[{hidden}, {hidden}]", "train.steps=1000000"])
+    return job, sum(FlatLayout.of(initial_phi(job, build_model(job))).sizes)
+
+
+def server_steps(job: JobConfig, params: int, workers: int, steps: int) -> dict[str, list[float]]:
+    """Sync steps of a real ``ParameterServer`` with fake workers: each step fans out the slices
+    and ends when the server reports the version advanced; the pull of (version, Φ) before it is
+    not timed (``RayRuntime`` takes them from the previous step's status). Two warm-up steps first."""
+    slices = task_slices(job.train.meta_batch, workers)
+    timings: dict[str, list[float]] = {"step_s": [], "fetch_s": [], "push_s": []}
+    with tempfile.TemporaryDirectory() as out:
+        server = ParameterServer.options(num_cpus=0).remote(job_to_dict(job), out, len(slices))
+        fakes = [FakeWorker.remote(params, b - a) for a, b in slices]
+        ray.get([f.__ray_ready__.remote() for f in fakes] + [server.status.remote()])
+        for i in range(2 + steps):
+            version, phi = ray.get(server.pull.remote())
+            start = time.perf_counter()
+            parts = ray.get([f.step.remote(server, version, phi, index) for index, f in enumerate(fakes)])
+            if ray.get(server.status.remote())["version"] != version + 1:
+                raise RuntimeError(f"step {version} was not applied")
+            if i >= 2:
+                timings["step_s"].append(time.perf_counter() - start)
+                timings["fetch_s"].append(max(fetch for fetch, _ in parts))
+                timings["push_s"].append(max(push for _, push in parts))
+        for actor in (server, *fakes):
+            ray.kill(actor, no_restart=True)
+    return timings
+
+
+def apply_and_publish(job: JobConfig, workers: int, repeats: int) -> dict[str, list[float]]:
+    """In-process, 1 thread like the server actor: ``ParameterStore.submit`` of every slice of a
+    step (finiteness checks, sum in slice order, Adam on the flat buffer) and ``ray.put`` of Φ."""
+    store = ParameterStore(initial_phi(job, build_model(job)), build_job_optimizer(job), job.train.meta_batch,
+                           len(task_slices(job.train.meta_batch, workers)))
+    parts = [FlatContribution(torch.full_like(store.flat, 1e-3), b - a, {"loss": float(b - a)})
+             for a, b in task_slices(job.train.meta_batch, workers)]
+    timings: dict[str, list[float]] = {"apply_s": [], "publish_s": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for index, part in enumerate(parts):
+            store.submit(store.version, index, part)
+        published = time.perf_counter()
+        ref = ray.put(store.flat)
+        timings["apply_s"].append(published - start)
+        timings["publish_s"].append(time.perf_counter() - published)
+        del ref
+    return timings
+
+
+def server_cost(sizes: list[str], workers: list[int], steps: dict[str, int]) -> list[dict[str, Any]]:
+    """Case 3: ms per sync step by model size and worker count, with its split."""
+    rows = []
+    for name in sizes:
+        job, params = mlp_job(PS_SIZES[name])
+        for count in workers:
+            timings = server_steps(job, params, count, steps[name]) | apply_and_publish(job, count, steps[name])
+            medians_ms = {k.removesuffix("_s") + "_ms": 1000 * statistics.median(v) for k, v in timings.items()}
+            row = {"size": name, "params": params, "hidden": job.model.hidden[0], "workers": count,
+                   "steps": steps[name], **medians_ms, "all_s": timings}
+            rows.append(row)
+            print(f"  {name} ({params:,} params) × {count} workers: {row['step_ms']:.1f} ms/step", flush=True)
+    return rows
+
+
+def sync_vs_async(budget_s: float, test_tasks: int) -> dict[str, dict[str, Any]]:
+    """Case 4: 2 workers, sync then async (staleness 2), each for ``budget_s`` of training, then
+    the meta-test on ``test_tasks`` tasks. The async loops are stopped at the budget, before
+    the test, so both are tested at the Φ their step count says."""
+    found = {}
+    for mode in ("sync", "async"):
+        job = omniglot_job(2, (f"runtime.mode={mode}", "runtime.staleness=2", f"eval.tasks={test_tasks}"))
+        with ray_runtime(job) as runtime:
+            start = time.perf_counter()
+            while time.perf_counter() - start < budget_s:
+                runtime.advance()
+            if mode == "async":
+                ray.get(runtime.server.stop.remote())
+                ray.wait(runtime.loops, num_returns=len(runtime.loops), timeout=120)
+            elapsed = time.perf_counter() - start
+            info = runtime.info()
+            report = runtime.test()
+        steps = runtime.version
+        found[mode] = {"steps": steps, "seconds": elapsed, "tasks_per_s": steps * job.train.meta_batch / elapsed,
+                       "test_accuracy": report["accuracy"], "test_ci95": report["ci95"], "test_tasks": test_tasks,
+                       "stale_contributions": info["stale_contributions"]}
+        print(f"  {mode}: {steps} steps in {elapsed:.1f} s, {found[mode]['tasks_per_s']:.1f} tasks/s, "
+              f"test accuracy {report['accuracy']:.3f} ± {report['ci95']:.3f}", flush=True)
+    return found
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    t = results["throughput"]
+    print(f"\nOmniglot 5w1s second-order MAML, meta-batch 32: medians of {t['pairs']} alternating step pairs")
+    print(f"{'runtime':<20} {'tasks/s':>8} {'vs in-process':>14}")
+    print(f"{'in-process':<20} {t['in_process_tasks_per_s']:>8.1f} {'1.00×':>14}")
+    for name, run in t["runs"].items():
+        print(f"{name:<20} {run['tasks_per_s']:>8.1f} {run['speedup']:>13.2f}×")
+    for name, ratio in t["ratios"].items():
+        verdict = f" (target ≥ {TARGETS[name]}×: {'met' if ratio >= TARGETS[name] else 'missed'})" if name in TARGETS else ""
+        print(f"{name}: {ratio:.2f}×{verdict}")
+    print("\nParameter server, ms per sync step (median): step = fetch + push (push includes apply, publish)")
+    print(f"{'size':<5} {'params':>11} {'workers':>7} {'step':>8} {'fetch':>8} {'push':>8} {'apply':>8} {'publish':>8}")
+    for row in results["server"]:
+        print(f"{row['size']:<5} {row['params']:>11,} {row['workers']:>7} {row['step_ms']:>8.1f} {row['fetch_ms']:>8.1f} "
+              f"{row['push_ms']:>8.1f} {row['apply_ms']:>8.1f} {row['publish_ms']:>8.1f}")
+    for size, limit in PS_TARGET_MS.items():
+        worst = max((row["step_ms"] for row in results["server"] if row["size"] == size), default=None)
+        if worst is not None:
+            print(f"{size}: slowest {worst:.1f} ms/step (target < {limit:g} ms: {'met' if worst < limit else 'missed'})")
+    print("\nsync vs async, 2 workers, same wall-clock budget (one seed)")
+    print(f"{'mode':<6} {'steps':>6} {'tasks/s':>8} {'test accuracy':>20} {'stale':>6}")
+    for mode, row in results["sync_vs_async"].items():
+        accuracy = f"{row['test_accuracy']:.3f} ± {row['test_ci95']:.3f}"
+        print(f"{mode:<6} {row['steps']:>6} {row['tasks_per_s']:>8.1f} {accuracy:>20} {row['stale_contributions']:>6}")
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small smoke version (~2 minutes)")
+    parser.add_argument("--pairs", type=int, help="alternating step pairs per comparison in cases 1-2 (default 15; quick 3)")
+    parser.add_argument("--budget", type=float, help="seconds of training per mode in case 4 (default 60; quick 15)")
+    parser.add_argument("--test-tasks", type=int, help="meta-test tasks in case 4 (default 200; quick 20)")
+    parser.add_argument("--json", default="bench/results/ray_runtime.json")
+    args = parser.parse_args()
+    pairs = args.pairs or (3 if args.quick else 15)
+    budget = args.budget or (15.0 if args.quick else 60.0)
+    test_tasks = args.test_tasks or (20 if args.quick else 200)
+    sizes = ["0.1M", "1M"] if args.quick else list(PS_SIZES)
+    workers = [1, 2] if args.quick else [1, 2, 4]
+    ps_steps = {name: 3 for name in sizes} if args.quick else PS_STEPS
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
+                               "ray": ray.__version__, "cpu": cpu_name(), "cpus": os.cpu_count(),
+                               "load_avg_start": os.getloadavg()}
+    print(f"torch {torch.__version__}, ray {ray.__version__}, {results['cpu']} × {results['cpus']}, "
+          f"load {results['load_avg_start'][0]:.2f}")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        print("cases 1-2: in-process vs 1 and 2 Ray workers", flush=True)
+        results["throughput"] = throughput_cases(pairs)
+        print("case 3: parameter-server cost", flush=True)
+        results["server"] = server_cost(sizes, workers, ps_steps)
+        print("case 4: sync vs async", flush=True)
+        results["sync_vs_async"] = sync_vs_async(budget, test_tasks)
+    finally:
+        ray.shutdown()
+    results["load_avg_end"] = os.getloadavg()
+    results["total_s"] = time.perf_counter() - started
+    print_tables(results)
+    print(f"\ntotal {results['total_s']:.0f} s, load {results['load_avg_end'][0]:.2f} at the end")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
