@@ -47,7 +47,7 @@ from distmeta.components import build_job_algorithm, build_job_optimizer, build_
 from distmeta.config import JobConfig, job_to_dict, load_job
 from distmeta.runtime.local import LocalExecutor, LocalRuntime, initial_phi
 from distmeta.runtime.parameter_store import FlatContribution, FlatLayout, ParameterStore
-from distmeta.runtime.ray_runtime import ParameterServer, RayRuntime, task_slices
+from distmeta.runtime.ray_runtime import ALLOCATOR_ENV, ParameterServer, RayRuntime, task_slices
 from distmeta.storage import Location
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +190,8 @@ def server_steps(job: JobConfig, params: int, workers: int, steps: int) -> dict[
     slices = task_slices(job.train.meta_batch, workers)
     timings: dict[str, list[float]] = {"step_s": [], "fetch_s": [], "push_s": []}
     with tempfile.TemporaryDirectory() as out:
-        server = ParameterServer.options(num_cpus=0).remote(job_to_dict(job), out, len(slices))
+        server = ParameterServer.options(num_cpus=0, runtime_env={"env_vars": ALLOCATOR_ENV}).remote(
+            job_to_dict(job), out, len(slices))
         fakes = [FakeWorker.remote(params, b - a) for a, b in slices]
         ray.get([f.__ray_ready__.remote() for f in fakes] + [server.status.remote()])
         for i in range(2 + steps):
@@ -270,7 +271,15 @@ def sync_vs_async(budget_s: float, test_tasks: int) -> dict[str, dict[str, Any]]
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    t = results["throughput"]
+    if "throughput" in results:
+        print_throughput(results["throughput"])
+    if "server" in results:
+        print_server(results["server"])
+    if "sync_vs_async" in results:
+        print_sync_vs_async(results["sync_vs_async"])
+
+
+def print_throughput(t: dict[str, Any]) -> None:
     print(f"\nOmniglot 5w1s second-order MAML, meta-batch 32: medians of {t['pairs']} alternating step pairs")
     print(f"{'runtime':<20} {'tasks/s':>8} {'vs in-process':>14}")
     print(f"{'in-process':<20} {t['in_process_tasks_per_s']:>8.1f} {'1.00×':>14}")
@@ -279,18 +288,24 @@ def print_tables(results: dict[str, Any]) -> None:
     for name, ratio in t["ratios"].items():
         verdict = f" (target ≥ {TARGETS[name]}×: {'met' if ratio >= TARGETS[name] else 'missed'})" if name in TARGETS else ""
         print(f"{name}: {ratio:.2f}×{verdict}")
+
+
+def print_server(server: list[dict[str, Any]]) -> None:
     print("\nParameter server, ms per sync step (median): step = fetch + push (push includes apply, publish)")
     print(f"{'size':<5} {'params':>11} {'workers':>7} {'step':>8} {'fetch':>8} {'push':>8} {'apply':>8} {'publish':>8}")
-    for row in results["server"]:
+    for row in server:
         print(f"{row['size']:<5} {row['params']:>11,} {row['workers']:>7} {row['step_ms']:>8.1f} {row['fetch_ms']:>8.1f} "
               f"{row['push_ms']:>8.1f} {row['apply_ms']:>8.1f} {row['publish_ms']:>8.1f}")
     for size, limit in PS_TARGET_MS.items():
-        worst = max((row["step_ms"] for row in results["server"] if row["size"] == size), default=None)
+        worst = max((row["step_ms"] for row in server if row["size"] == size), default=None)
         if worst is not None:
             print(f"{size}: slowest {worst:.1f} ms/step (target < {limit:g} ms: {'met' if worst < limit else 'missed'})")
+
+
+def print_sync_vs_async(modes: dict[str, dict[str, Any]]) -> None:
     print("\nsync vs async, 2 workers, same wall-clock budget (one seed)")
     print(f"{'mode':<6} {'steps':>6} {'tasks/s':>8} {'test accuracy':>20} {'stale':>6}")
-    for mode, row in results["sync_vs_async"].items():
+    for mode, row in modes.items():
         accuracy = f"{row['test_accuracy']:.3f} ± {row['test_ci95']:.3f}"
         print(f"{mode:<6} {row['steps']:>6} {row['tasks_per_s']:>8.1f} {accuracy:>20} {row['stale_contributions']:>6}")
 
@@ -309,6 +324,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, help="alternating step pairs per comparison in cases 1-2 (default 15; quick 3)")
     parser.add_argument("--budget", type=float, help="seconds of training per mode in case 4 (default 60; quick 15)")
     parser.add_argument("--test-tasks", type=int, help="meta-test tasks in case 4 (default 200; quick 20)")
+    parser.add_argument("--cases", default="1234", help="which cases to run, e.g. 3 (cases 1 and 2 run together)")
     parser.add_argument("--json", default="bench/results/ray_runtime.json")
     args = parser.parse_args()
     pairs = args.pairs or (3 if args.quick else 15)
@@ -326,12 +342,15 @@ def main() -> None:
           f"load {results['load_avg_start'][0]:.2f}")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        print("cases 1-2: in-process vs 1 and 2 Ray workers", flush=True)
-        results["throughput"] = throughput_cases(pairs)
-        print("case 3: parameter-server cost", flush=True)
-        results["server"] = server_cost(sizes, workers, ps_steps)
-        print("case 4: sync vs async", flush=True)
-        results["sync_vs_async"] = sync_vs_async(budget, test_tasks)
+        if "1" in args.cases or "2" in args.cases:
+            print("cases 1-2: in-process vs 1 and 2 Ray workers", flush=True)
+            results["throughput"] = throughput_cases(pairs)
+        if "3" in args.cases:
+            print("case 3: parameter-server cost", flush=True)
+            results["server"] = server_cost(sizes, workers, ps_steps)
+        if "4" in args.cases:
+            print("case 4: sync vs async", flush=True)
+            results["sync_vs_async"] = sync_vs_async(budget, test_tasks)
     finally:
         ray.shutdown()
     results["load_avg_end"] = os.getloadavg()

@@ -170,6 +170,9 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
                 if step % tr.checkpoint_every == 0:
                     save()
             rows.write_ready()
+        for record in runtime.finish():  # async: steps applied while the loop was ending
+            step = record.step + 1
+            _accumulate(window, record)
         if window:  # the partial window at the end (step or time limit)
             _log_step(job, runtime, rows, progress, step, window)
         rows.write_ready(wait=True)

@@ -54,6 +54,9 @@ class Runtime(Protocol):
             Rewound: the applied state went back to a checkpoint (the loop rewinds its logs).
         """
 
+    def finish(self) -> list[StepRecord]:
+        """Stop computing steps (async workers end their loops); the steps applied meanwhile."""
+
     def validate(self) -> Future:
         """Meta-validation of the current Φ: a future of ``{"val_<metric>": ...}``."""
 
@@ -107,11 +110,11 @@ class LocalExecutor:
         """The contribution of tasks ``start..stop-1`` of meta-step ``step`` (what a worker computes)."""
         tasks = self.tasks(step, start, stop)
         if self.path == "auto":
-            self.path = self._fastest_path(phi, tasks)
+            self.path = self.fastest_path(phi, tasks)
         with precision_context(self.precision, self.device):
             return compute_contribution(self.algorithm, self.model, phi, tasks, self.path, self.compiled_loss)
 
-    def _fastest_path(self, phi: Params, tasks: TaskBatch, repeats: int = 2) -> str:
+    def fastest_path(self, phi: Params, tasks: TaskBatch, repeats: int = 2) -> str:
         """Time each candidate path on real tasks (after a warm-up) and keep the fastest."""
         timings = {}
         for path in AUTO_CANDIDATES:
@@ -168,6 +171,9 @@ class LocalRuntime:
             raise NonFiniteError(f"non-finite meta-gradient at step {step} in {bad}; Φ was not updated and "
                                  "checkpoints are intact. Lower optimizer.lr or algorithm.inner_lr.")
         return self.store.take_records()
+
+    def finish(self) -> list[StepRecord]:
+        return []
 
     def validate(self) -> Future:
         future: Future = Future()
