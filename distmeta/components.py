@@ -1,23 +1,31 @@
 """Build the pieces a job names (model, algorithm, tasks, optimizer) from its config."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 from distmeta.algorithms import Algorithm, InnerLoop, build_algorithm
 from distmeta.config import JobConfig
-from distmeta.data.omniglot import load_omniglot
+from distmeta.data.omniglot import DataError, default_cache_dir, load_omniglot
 from distmeta.data.omniglot_tasks import OmniglotTasks
 from distmeta.data.sampling import TaskSampler
 from distmeta.data.sinusoid import SinusoidTasks
+from distmeta.data.translation import TranslationTasks, open_store, prepare_translation
 from distmeta.models import TaskModel, make_conv4, make_mlp
+from distmeta.models.transformer import TransformerSize, make_transformer
 from distmeta.optim import Optimizer, build_optimizer
 
 
 def build_model(job: JobConfig) -> TaskModel:
     """The job's model; conv4's head has one output per way."""
-    if job.model.name == "conv4":
-        return make_conv4(ways=job.task.ways, width=job.model.width, downsample=job.model.downsample)
-    return make_mlp(1, tuple(job.model.hidden), 1)
+    m = job.model
+    if m.name == "conv4":
+        return make_conv4(ways=job.task.ways, width=m.width, downsample=m.downsample)
+    if m.name == "transformer":
+        return make_transformer(TransformerSize(job.task.vocab, m.dim, m.heads, m.ffn, m.layers, m.layers,
+                                                m.shared_embeddings))
+    return make_mlp(1, tuple(m.hidden), 1)
 
 
 def train_inner_loop(job: JobConfig) -> InnerLoop:
@@ -49,11 +57,19 @@ def build_sampler(job: JobConfig) -> TaskSampler:
     t = job.task
     if t.dataset == "sinusoid":
         return SinusoidTasks(shots=t.shots, queries=t.queries, seed=job.seed)
+    if t.dataset == "translation":
+        source = job.data.translation or os.environ.get("DISTMETA_TRANSLATION")
+        if not source:
+            raise DataError("no translation data: set data.translation or $DISTMETA_TRANSLATION to a Parquet file")
+        cache = Path(job.data.cache) if job.data.cache else default_cache_dir()
+        _, store = prepare_translation(source, t.languages, t.vocab, cache)
+        return TranslationTasks(open_store(store), t.languages, t.support_tokens, t.query_tokens, t.max_len, job.seed)
     data = load_omniglot(job.data.omniglot, job.data.cache)
     return OmniglotTasks(data, ways=t.ways, shots=t.shots, queries=t.queries, protocol=t.protocol,
                          rotations=tuple(t.rotations), val_characters=t.val_characters, seed=job.seed)
 
 
 def with_queries(sampler: TaskSampler, queries: int) -> TaskSampler:
-    """The same sampler with another query count (the data stays shared)."""
-    return replace(sampler, queries=queries)
+    """The same sampler with another query count (the data stays shared); samplers whose query
+    sets are token budgets (translation) are returned as they are."""
+    return replace(sampler, queries=queries) if hasattr(sampler, "queries") else sampler

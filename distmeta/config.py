@@ -20,6 +20,9 @@ import yaml
 from distmeta.data.omniglot import DRAWINGS_PER_CHARACTER, EXPECTED_CHARACTERS, VINYALS_TRAIN_CHARACTERS
 from distmeta.storage import Location
 
+# Gu et al.'s role for Tatoeba's 21 largest X→English sets (../shared/data/translation/README.md).
+HIGH_RESOURCE = ("deu", "fra", "spa", "ita", "por", "nld", "dan", "swe", "ces", "pol", "bul", "ell", "hun", "rus",
+                 "ukr", "heb", "ara", "jpn", "zho", "mar", "kab")
 VINYALS_TEST_CHARACTERS = sum(EXPECTED_CHARACTERS.values()) - VINYALS_TRAIN_CHARACTERS
 
 
@@ -52,21 +55,31 @@ def choice(*allowed: str, default: str) -> Any:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    dataset: str = choice("omniglot", "sinusoid", default="omniglot")
+    dataset: str = choice("omniglot", "sinusoid", "translation", default="omniglot")
     ways: int = 5  # classes per task (omniglot)
     shots: int = 1  # support examples per class (omniglot) or support points (sinusoid)
     queries: int = 15  # query examples per class / query points, during meta-training
     protocol: str = choice("vinyals", "alphabet", default="vinyals")  # omniglot character split
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # classes = char × rotation
     val_characters: int = 100  # meta-validation characters carved from meta-train
+    languages: list[str] = field(default_factory=lambda: list(HIGH_RESOURCE))  # translation: X→English tasks
+    support_tokens: int = 1000  # translation: target tokens per support set
+    query_tokens: int = 1000  # translation: target tokens per query set
+    max_len: int = 64  # translation: longer sentences are cut (sentencepiece pieces)
+    vocab: int = 8000  # translation: shared sentencepiece vocabulary size
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = choice("conv4", "mlp", default="conv4")
+    name: str = choice("conv4", "mlp", "transformer", default="conv4")
     width: int = 64  # conv4 filters
     downsample: str = choice("stride", "maxpool", default="stride")  # conv4 downsampling
     hidden: list[int] = field(default_factory=lambda: [40, 40])  # mlp hidden sizes
+    dim: int = 256  # transformer width
+    heads: int = 4
+    ffn: int = 1024
+    layers: int = 3  # transformer encoder and decoder layers each
+    shared_embeddings: bool = True  # transformer: one table for source, target and output
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,7 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class DataConfig:
     omniglot: str | None = None  # the two zips or their folders; else $DISTMETA_OMNIGLOT, else download
+    translation: str | None = None  # Parquet of X→English pairs; else $DISTMETA_TRANSLATION
     cache: str | None = None  # preprocessed arrays; else $DISTMETA_CACHE, else ~/.cache/distmeta
 
 
@@ -251,8 +265,19 @@ def _check_values(job: JobConfig) -> list[str]:
                 (t.ways <= smallest, "task.ways",
                  f"{t.ways} ways but the smallest vinyals split has {smallest} classes"),
             ]
-    else:
+    elif t.dataset == "sinusoid":
         rules.append((job.model.name == "mlp", "model.name", "sinusoid tasks need model mlp"))
+    else:
+        m = job.model
+        rules += [
+            (m.name == "transformer", "model.name", "translation tasks need model transformer"),
+            (bool(t.languages), "task.languages", "must name at least one language"),
+            (min(t.support_tokens, t.query_tokens, t.max_len) >= 1, "task.support_tokens",
+             "task.support_tokens, task.query_tokens and task.max_len must be >= 1"),
+            (t.vocab > 260, "task.vocab", "must exceed 260 (4 special ids and 256 byte pieces)"),
+            (m.dim >= 1 and m.heads >= 1 and m.dim % m.heads == 0, "model.heads", "must divide model.dim"),
+            (min(m.ffn, m.layers) >= 1, "model.layers", "model.ffn and model.layers must be >= 1"),
+        ]
     return [f"{key}: {message}" for ok, key, message in rules if not ok]
 
 

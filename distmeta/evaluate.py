@@ -82,8 +82,9 @@ def evaluate_run(run_dir: str | Path | Location, tasks: int | None = None, steps
 
 
 def headline(report: dict[str, float]) -> dict[str, float]:
-    """A report with the headline metric also under ``ci95`` (accuracy, else mse)."""
-    name = "accuracy" if "accuracy" in report else "mse"
+    """A report with the headline metric also under ``ci95``: accuracy, token accuracy
+    (translation) or mse, whichever the model reports."""
+    name = next(n for n in ("accuracy", "token_accuracy", "mse") if n in report)
     return {**report, "metric": name, "ci95": report[f"{name}_ci95"]}
 
 

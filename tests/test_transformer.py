@@ -40,6 +40,10 @@ def test_batched_loss_equals_the_per_task_loss_and_ignores_padding():
         wider = (torch.cat([src, torch.full((4, 3), PAD)], 1), torch.cat([tgt, torch.full((4, 2), PAD)], 1))
         assert torch.allclose(model.loss(phi, wider)[0], single, atol=1e-5)  # more padding, same loss
         assert single_metrics["tokens"] == (tgt[:, 1:] != PAD).sum()
+    padded = (torch.cat([src, torch.full((2, src.shape[1]), PAD)]), torch.cat([tgt, torch.full((2, tgt.shape[1]), PAD)]))
+    grads = torch.func.grad(lambda p: model.loss(p, padded)[0])(phi)  # all-pad pairs, as a short task has
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert torch.allclose(model.loss(phi, padded)[0], model.loss(phi, (src, tgt))[0], atol=1e-5)
 
 
 def test_it_memorises_a_pair_and_greedy_decoding_reproduces_it_exactly():

@@ -63,7 +63,8 @@ class Omniglot:
     background: np.ndarray  # bool (characters,), True for characters from images_background.zip
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """Where preprocessed data lives: $DISTMETA_CACHE, else ~/.cache/distmeta."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "distmeta")
 
 
@@ -265,7 +266,7 @@ def load_omniglot(
     folders; defaults to $DISTMETA_OMNIGLOT, then <cache_dir>/omniglot/raw (downloaded if download).
     cache_dir defaults to $DISTMETA_CACHE, then ~/.cache/distmeta.
     """
-    cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root = _resolve_source(source, cache, download)
     locations = {part: _part_location(root, part) for part in PARTS}
     stem = f"omniglot{IMAGE_SIZE}_v{PREPROCESS_VERSION}_{_fingerprint(locations)}"

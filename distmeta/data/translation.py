@@ -10,6 +10,9 @@ drawn by the same counter-based rule as every other sampler.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -170,6 +173,36 @@ def encode_store(table: pa.Table, pipeline: TextPipeline, path: str | Path) -> P
         writer.write_table(encoded)
     temporary.replace(path)
     return path
+
+
+def prepare_translation(path: str | Path, languages: Sequence[str], vocab_size: int,
+                        cache_dir: Path) -> tuple[TextPipeline, Path]:
+    """The shared tokeniser (trained on these languages' training pairs) and the encoded store,
+    built once and cached under a key of the data file's size and time, the languages and the
+    vocabulary size. Built in a private folder and renamed into place, so processes racing to
+    build it never see a half-written one.
+
+    Raises:
+        DataError: the data cannot be read (see ``read_pairs``).
+    """
+    path = Path(path).absolute()
+    if not path.is_file():
+        read_pairs(path)  # the clear error
+    stat = path.stat()
+    key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{sorted(languages)}|{vocab_size}".encode())
+    folder = cache_dir / "translation" / key.hexdigest()[:16]
+    if not (folder / "pairs.arrow").exists():
+        pairs = read_pairs(path, languages)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(dir=folder.parent))
+        train = pairs.filter(pc.equal(pairs.column("split"), "train"))
+        pipeline = TextPipeline.train(train, private / "spm.model", vocab_size)
+        encode_store(pairs, pipeline, private / "pairs.arrow")
+        try:
+            os.replace(private, folder)
+        except OSError:  # another process finished first: use its copy
+            shutil.rmtree(private, ignore_errors=True)
+    return TextPipeline(folder / "spm.model"), folder / "pairs.arrow"
 
 
 def open_store(path: str | Path) -> pa.Table:

@@ -85,7 +85,9 @@ def _attend(params: Params, prefix: str, heads: int, x: Tensor, memory: Tensor, 
     split = lambda t: t.reshape(b, -1, heads, d // heads).transpose(1, 2)  # noqa: E731
     q, k, v = (split(t @ params[f"{prefix}.{p}"].t()) for t, p in ((x, "q"), (memory, "k"), (memory, "v")))
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // heads)
-    weights = torch.softmax(scores.masked_fill(~keep[:, None], float("-inf")), dim=-1)
+    # The lowest finite value, not -inf: a padding row masks every key, and softmax over all
+    # -inf is NaN, which would reach the gradients even though its loss weight is 0.
+    weights = torch.softmax(scores.masked_fill(~keep[:, None], torch.finfo(scores.dtype).min), dim=-1)
     return (weights @ v).transpose(1, 2).reshape(b, length, d) @ params[f"{prefix}.o"].t()
 
 

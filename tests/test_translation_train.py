@@ -1,0 +1,40 @@
+"""Meta-training on X→English language tasks end to end (real Tatoeba, tiny Transformer)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from distmeta.config import load_job
+from distmeta.data.omniglot import DataError
+from distmeta.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+TATOEBA = REPO.parent / "shared" / "data" / "translation" / "tatoeba_x2en.parquet"
+JOB = REPO / "jobs" / "translation_fomaml_smoke.yaml"
+
+
+@pytest.fixture
+def translation_env(monkeypatch, tmp_path_factory):
+    if not TATOEBA.is_file():
+        pytest.skip(f"real translation data not found at {TATOEBA}")
+    monkeypatch.setenv("DISTMETA_TRANSLATION", str(TATOEBA))
+    monkeypatch.setenv("DISTMETA_CACHE", str(tmp_path_factory.getbasetemp() / "translation-cache"))
+
+
+@pytest.mark.slow
+def test_fomaml_on_language_tasks_lowers_the_query_loss(translation_env, tmp_path):
+    summary = train(load_job(JOB), tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    val = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    assert len(val) == 2 and val[1] < val[0] - 0.1
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) - 0.3
+    assert summary["test_tasks"] == 20 and 0.15 < summary["test_token_accuracy"] < 1
+
+
+def test_translation_without_data_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("DISTMETA_TRANSLATION", raising=False)
+    with pytest.raises(DataError, match="set data.translation or \\$DISTMETA_TRANSLATION"):
+        train(load_job(JOB), tmp_path / "run")
