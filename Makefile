@@ -8,6 +8,8 @@ TORCH ?= torch==2.13.0
 SHARED_OMNIGLOT := $(abspath ../shared/data/omniglot)
 # Use the shared Omniglot copy when it sits beside the checkout; otherwise the loader downloads it.
 export DISTMETA_OMNIGLOT ?= $(if $(wildcard $(SHARED_OMNIGLOT)/images_background.zip),$(SHARED_OMNIGLOT),)
+SHARED_TATOEBA := $(abspath ../shared/data/translation/tatoeba_x2en.parquet)
+export DISTMETA_TRANSLATION ?= $(wildcard $(SHARED_TATOEBA))
 
 .PHONY: setup train test bench
 setup: $(VENV)/.installed
