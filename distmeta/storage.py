@@ -17,12 +17,14 @@ class Location:
 
     def __init__(self, where: str | Path | "Location") -> None:
         if isinstance(where, Location):
-            self.fs, self.path, self.scheme = where.fs, where.path, where.scheme
+            self.fs, self.path, self.scheme, self.query = where.fs, where.path, where.scheme, where.query
             return
         where = str(where)
+        self.query = ""  # URI options (e.g. ?endpoint_override=...), kept so the URI names the same store
         if "://" in where:
             self.fs, self.path = pafs.FileSystem.from_uri(where)
             self.scheme = where.split("://", 1)[0]
+            self.query = where.partition("?")[2]
         else:
             self.fs, self.path, self.scheme = pafs.LocalFileSystem(), os.path.abspath(where), None
         self.path = self.path.rstrip("/") or "/"
@@ -31,7 +33,7 @@ class Location:
     def uri(self) -> str:
         if self.scheme is None:
             return self.path
-        return f"{self.scheme}://{self.path}" if self.scheme != "file" else f"file://{self.path}"
+        return f"{self.scheme}://{self.path}" + (f"?{self.query}" if self.query else "")
 
     def __str__(self) -> str:
         return self.uri

@@ -122,6 +122,9 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict]:
         if tr.val_every == 0 or tr.steps % tr.val_every:
             problems.append(f"base job train.val_every: trials report at each validation; it must be > 0 and divide "
                             f"train.steps ({tr.steps})")
+        if tr.checkpoint_every != tr.val_every:
+            problems.append(f"base job train.checkpoint_every: trials report a validation with its checkpoint; set it "
+                            f"to train.val_every ({tr.val_every}), e.g. in overrides")
         if spec.metric != "val_loss" and ("accuracy" in spec.metric) != (job.task.dataset == "omniglot"):
             problems.append(f"metric: {spec.metric} does not exist for {job.task.dataset} tasks; choose "
                             f"{'val_accuracy' if job.task.dataset == 'omniglot' else 'val_mse'} or val_loss")
@@ -236,8 +239,11 @@ def sweep(spec: SweepConfig, base: dict, out: str | Path, resume: bool = False,
         trainable = tune.with_parameters(run_trial, base=base, sweep_dir=str(out), metric=spec.metric)
         b = spec.budget
         bundles = [{"CPU": b.worker_cpus} | ({"GPU": b.worker_gpus} if b.worker_gpus else {})] * b.workers
+        rt = job.runtime  # the evaluator actor needs a bundle of its own when it reserves resources
+        evaluator = {"CPU": rt.evaluator_cpus} | ({"GPU": rt.evaluator_gpus} if rt.evaluator_gpus else {})
         trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(
-            [{"CPU": 0}, *bundles], strategy=job.runtime.placement))
+            [{"CPU": 0}, *([evaluator] if rt.evaluator_cpus or rt.evaluator_gpus else []), *bundles],
+            strategy=rt.placement))
         if resume:
             if not tune.Tuner.can_restore(str(out)):
                 raise FileNotFoundError(f"no sweep to resume in {out}")

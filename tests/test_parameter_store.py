@@ -103,4 +103,12 @@ def test_state_dict_continues_exactly():
     for s in (store, resumed):
         s.submit(1, 0, part(1, 2))
     assert torch.equal(store.flat, resumed.flat) and resumed.version == 2
-    assert store.state_dict()["sampler"] == {"next_step": 2, "next_ticket": 0}
+    assert store.state_dict()["sampler"] == {"next_step": 2, "next_ticket_step": 2}
+
+
+def test_async_tickets_resume_at_a_step_boundary_whatever_the_worker_count():
+    store = ParameterStore(params(), sgd(0.1), meta_batch=4, slices=2, mode="async")
+    handed = [store.ticket() for _ in range(5)]  # steps 0, 0, 1, 1, 2
+    assert handed[-1] == (2, 0)
+    resumed = ParameterStore(params(), sgd(0.1), meta_batch=4, slices=4, mode="async", state=store.state_dict())
+    assert resumed.ticket() == (3, 0)  # step 2 was partly handed out: no task is trained on twice

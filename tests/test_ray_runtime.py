@@ -81,6 +81,8 @@ class FaultyRuntime(RayRuntime):
             self.done = True
             if self.fault == "worker":
                 ray.kill(self.workers[1], no_restart=False)
+            elif self.fault == "worker for good":
+                ray.kill(self.workers[1], no_restart=True)
             elif self.fault == "server":
                 ray.kill(self.server, no_restart=False)
             elif self.fault == "driver":
@@ -116,6 +118,19 @@ def test_a_killed_server_restarts_from_its_checkpoint_and_the_run_ends_with_the_
     assert "restarted from its checkpoint at step 4: 1 step(s) of work lost" in log_text
     steps = [line.split(",")[0] for line in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == ["2", "4", "6"]  # the redone step was logged once
+
+
+@pytest.mark.slow
+def test_a_server_killed_before_its_first_checkpoint_starts_over_to_the_same_phi(local_ray, tmp_path):
+    calm = train(job(2, 4, "train.checkpoint_every=4"), tmp_path / "calm")
+    killed = train(job(2, 4, "train.checkpoint_every=4"), tmp_path / "killed",
+                   runtime=faulty(job(2, 4, "train.checkpoint_every=4"), tmp_path / "killed", at=2, fault="server"))
+    assert killed["restarts"]["server"] == 1 and killed["phi_sha256"] == calm["phi_sha256"]
+
+
+def test_a_worker_that_stays_dead_fails_the_run(local_ray, tmp_path):
+    with pytest.raises(ray.exceptions.RayActorError):
+        train(job(2, 4), tmp_path / "dead", runtime=faulty(job(2, 4), tmp_path / "dead", at=1, fault="worker for good"))
 
 
 @pytest.mark.slow

@@ -91,6 +91,14 @@ def test_a_crashed_run_resumed_from_the_cli_ends_with_the_same_phi(tmp_path, cap
     assert steps == [5, 10, 15, 20, 25, 30]  # rows logged after the checkpoint were recomputed, not duplicated
 
 
+def test_resuming_a_finished_run_logs_no_row_twice(tmp_path):
+    job = sinusoid_job(12, "train.log_every=5", "train.checkpoint_every=6")  # the last checkpoint holds steps 11-12
+    train(job, tmp_path / "run")
+    train(job, tmp_path / "run", resume=True)
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
+    assert steps == [5, 10, 12]
+
+
 def test_training_twice_is_deterministic(tmp_path):
     first, second = train(sinusoid_job(20), tmp_path / "a"), train(sinusoid_job(20), tmp_path / "b")
     assert first["test_mse"] == second["test_mse"]

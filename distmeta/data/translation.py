@@ -266,8 +266,8 @@ class TranslationTasks:
             rng = task_rng(self.seed, split, step, index)
             lang = self.languages[rng.integers(len(self.languages))]
             order = rng.permutation(self.rows[lang, DATA_SPLIT[split]])
-            support, rest = self._fill(order, self.support_tokens)  # leaves >= 1 row: every split has >= 2
-            query, _ = self._fill(rest, self.query_tokens)
+            support, rest = self._fill(order[:-1], self.support_tokens)  # the last row is kept for the query
+            query, _ = self._fill(np.concatenate([rest, order[-1:]]), self.query_tokens)
             tasks.append((support, query))
         return TaskBatch(self._pad([s for s, _ in tasks]), self._pad([q for _, q in tasks]))
 

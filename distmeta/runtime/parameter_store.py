@@ -98,7 +98,8 @@ class ParameterStore:
             self.opt_state = {k: {"phi": self.layout.flatten(v)} if isinstance(v, dict) else v
                               for k, v in state["opt_state"].items()}
             self.version = int(state["step"])
-            self.tickets = int(state.get("sampler", {}).get("next_ticket", self.version * slices))
+            # Tickets resume at a step boundary, so a resume with another slice count skips no task.
+            self.tickets = int(state.get("sampler", {}).get("next_ticket_step", self.version)) * slices
             self.rejected, self.stale = int(state.get("rejected", 0)), int(state.get("stale", 0))
         self.records: list[StepRecord] = []
         self._parts: dict[int, FlatContribution] = {}  # sync: this step's slices by index
@@ -137,7 +138,7 @@ class ParameterStore:
             ordered = [self._parts[i] for i in range(self.slices)]
             self._parts = {}
             return self._apply(_sum(ordered))
-        if self.version - version > self.staleness:
+        if not 0 <= self.version - version <= self.staleness:  # too old, or from before a restart
             self.stale += 1
             return "stale"
         self._pending = part if self._pending is None else _sum([self._pending, part])
@@ -170,7 +171,8 @@ class ParameterStore:
             "opt_state": {k: self.layout.unflatten(v["phi"].clone()) if isinstance(v, dict) else v
                           for k, v in self.opt_state.items()},
             "step": self.version,
-            "sampler": {"next_step": self.version, "next_ticket": self.tickets},
+            "sampler": {"next_step": self.version,  # async: the first step none of whose tasks was handed out
+                        "next_ticket_step": -(-self.tickets // self.slices) if self.mode == "async" else self.version},
             "rejected": self.rejected,
             "stale": self.stale,
         }

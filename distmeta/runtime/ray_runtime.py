@@ -15,6 +15,7 @@ tasks make the recomputed steps identical). Non-finite slices are rejected and r
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -102,9 +103,10 @@ class ParameterServer:
         step, index = self.store.ticket()
         return self.store.version, [self.phi_ref], step, index
 
-    def status(self) -> dict[str, Any]:
-        """Version, Φ, the steps applied since the last call and the counters, in one round trip."""
-        return {"version": self.store.version, "phi": [self.phi_ref], "records": self.store.take_records(),
+    def status(self, drain: bool = True) -> dict[str, Any]:
+        """Version, Φ, the steps applied since the last drain and the counters, in one round trip."""
+        return {"version": self.store.version, "phi": [self.phi_ref],
+                "records": self.store.take_records() if drain else [],
                 "pid": os.getpid(), "rejected": self.store.rejected, "stale": self.store.stale}
 
     def stop(self) -> None:
@@ -129,43 +131,46 @@ class TaskWorker:
         self.device = resolve_device("cuda" if job.runtime.worker_gpus > 0 else "cpu")  # what Ray reserved for it
         self.executor = LocalExecutor(build_model(job), build_job_algorithm(job), build_sampler(job), path,
                                       job.runtime.precision, self.device, job.runtime.compile)
-        self.layout, self.cached = layout, (-1, None)
+        self.layout, self.cached = layout, ("", None)
 
-    def _phi(self, version: int, phi_ref: ray.ObjectRef) -> dict[str, torch.Tensor]:
-        if self.cached[0] != version:  # fetched once per version
-            self.cached = (version, self.layout.unflatten(ray.get(phi_ref).to(self.device)))
+    def _phi(self, phi_ref: ray.ObjectRef) -> dict[str, torch.Tensor]:
+        """Φ, fetched once per published buffer (versions repeat after a server restart; refs do not)."""
+        if self.cached[0] != phi_ref.hex():
+            self.cached = (phi_ref.hex(), self.layout.unflatten(ray.get(phi_ref).to(self.device)))
         return self.cached[1]
 
-    def _compute(self, version: int, phi_ref: ray.ObjectRef, step: int, start: int, stop: int) -> FlatContribution:
-        contribution = self.executor.slice_contribution(self._phi(version, phi_ref), step, start, stop)
+    def _compute(self, phi_ref: ray.ObjectRef, step: int, start: int, stop: int) -> FlatContribution:
+        contribution = self.executor.slice_contribution(self._phi(phi_ref), step, start, stop)
         part = self.layout.flatten_contribution(contribution)
         return part._replace(grad_sum=part.grad_sum.cpu())
 
-    def compute(self, server: Any, version: int, phi: list[ray.ObjectRef], index: int, start: int,
+    def compute(self, server: Any, path: str, version: int, phi: list[ray.ObjectRef], index: int, start: int,
                 stop: int) -> tuple[str, int]:
-        """Sync mode: slice ``index`` (tasks ``start..stop-1``) of step ``version``, pushed to the
-        server; returns the server's verdict and this process's id (a new one after a restart)."""
-        part = self._compute(version, phi[0], version, start, stop)
+        """Sync mode: slice ``index`` (tasks ``start..stop-1``) of step ``version`` on ``path``
+        (given each time: a restarted worker must not choose again), pushed to the server;
+        returns the server's verdict and this process's id (a new one after a restart)."""
+        self.executor.path = path
+        part = self._compute(phi[0], version, start, stop)
         return ray.get(server.push.remote(version, index, part)), os.getpid()
 
-    def run_async(self, server: Any, slices: list[tuple[int, int]]) -> int:
-        """Async mode: compute and push tickets until the server has no more; returns how many."""
-        done = 0
+    def run_async(self, server: Any, path: str, slices: list[tuple[int, int]]) -> int:
+        """Async mode: compute and push tickets until the server has no more; returns how many.
+        A ticket whose Φ died with a restarted server is skipped (async steps are not replayed)."""
+        self.executor.path, done = path, 0
         while (ticket := ray.get(server.ticket.remote())) is not None:
             version, phi, step, index = ticket
             start, stop = slices[index]
-            ray.get(server.push.remote(version, index, self._compute(version, phi[0], step, start, stop)))
+            try:
+                part = self._compute(phi[0], step, start, stop)
+            except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                continue
+            ray.get(server.push.remote(version, index, part))
             done += 1
         return done
 
-    def choose_path(self, version: int, phi: list[ray.ObjectRef], start: int, stop: int) -> str:
+    def choose_path(self, phi: list[ray.ObjectRef], start: int, stop: int) -> str:
         """Time the candidate paths on tasks ``start..stop-1`` of step 0; returns the fastest."""
-        tasks = self.executor.tasks(0, start, stop)
-        self.executor.path = self.executor.fastest_path(self._phi(version, phi[0]), tasks)
-        return self.executor.path
-
-    def use_path(self, path: str) -> None:
-        self.executor.path = path
+        return self.executor.fastest_path(self._phi(phi[0]), self.executor.tasks(0, start, stop))
 
     def identity(self) -> tuple[str, int]:
         """(Ray node id, process id): where this worker runs now."""
@@ -207,7 +212,8 @@ class RayRuntime:
         layout = FlatLayout.of(initial_phi(job, build_model(job)))
         options = {"runtime_env": {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
                                    | ALLOCATOR_ENV}}
-        self.group, bundles = reserve_workers(len(self.slices), rt.worker_cpus, rt.worker_gpus, rt.placement)
+        self.group, bundles = reserve_workers(len(self.slices), rt.worker_cpus, rt.worker_gpus, rt.placement,
+                                              (rt.evaluator_cpus, rt.evaluator_gpus))
         self.owns_group = self.group != get_current_placement_group()
         self.workers, self.server, self.evaluator = [], None, None
         self.loops: list[ray.ObjectRef] = []
@@ -228,8 +234,7 @@ class RayRuntime:
             status = self.last = ray.get(self.server.status.remote())
             self.version, self.server_pid = status["version"], status["pid"]
             if self.path == "auto":  # every worker must run the same arithmetic: worker 0 picks
-                self.path = ray.get(self.workers[0].choose_path.remote(status["version"], status["phi"], *self.slices[0]))
-                ray.get([w.use_path.remote(self.path) for w in self.workers])
+                self.path = ray.get(self.workers[0].choose_path.remote(status["phi"], *self.slices[0]))
             self.rejected, self.stale, self.restarts = status["rejected"], status["stale"], {"workers": 0, "server": 0}
         except BaseException:  # leave nothing behind: actors, reservation
             self.close()
@@ -249,11 +254,14 @@ class RayRuntime:
         while True:
             version, phi = self.last["version"], self.last["phi"]  # as of the end of the last step
             self._check_server(version)
-            calls = [w.compute.remote(self.server, version, phi, i, a, b)
+            calls = [w.compute.remote(self.server, self.path, version, phi, i, a, b)
                      for i, (w, (a, b)) in enumerate(zip(self.workers, self.slices))]
+            server_pid = self.server_pid
             try:
                 outcome = ray.get(calls)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                if self._status(drain=False)["pid"] == server_pid:
+                    raise  # not the server: a worker that stays dead (restarts used up) fails the run
                 outcome = []  # the server died under the workers: see below what it restarted from
             self._count_worker_restarts([pid for _, pid in outcome])
             status = self._status()
@@ -271,7 +279,7 @@ class RayRuntime:
 
     def _async_wait(self) -> list[StepRecord]:
         if not self.loops:
-            self.loops = [w.run_async.remote(self.server, self.slices) for w in self.workers]
+            self.loops = [w.run_async.remote(self.server, self.path, self.slices) for w in self.workers]
         rejected_before = self.rejected
         while True:
             finished, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
@@ -297,8 +305,12 @@ class RayRuntime:
         self.loops = []
         return self._status()["records"]
 
-    def _status(self) -> dict[str, Any]:
-        status = self.last = ray.get(self.server.status.remote())
+    def _status(self, drain: bool = True) -> dict[str, Any]:
+        """The server's status; counts a restart when its process changed. ``drain=False``
+        leaves the applied steps' records for the next draining call."""
+        status = ray.get(self.server.status.remote(drain))
+        if drain:
+            self.last = status
         self.rejected, self.stale = status["rejected"], status["stale"]
         if status["pid"] != self.server_pid:
             log.warning("parameter server was restarted (pid %d → %d)", self.server_pid, status["pid"])
@@ -319,20 +331,19 @@ class RayRuntime:
     def _check_server(self, version: int) -> None:
         """Raise ``Rewound`` when the server came back at an earlier step than the driver's."""
         if version < self.version:
-            self._status()  # counts the restart
+            self._status(drain=False)  # counts the restart
             lost, self.version = self.version - version, version
             log.warning("parameter server restarted from its checkpoint at step %d: %d step(s) of work lost, "
                         "recomputing them", version, lost)
             raise Rewound(version, lost)
 
-    def _phi(self) -> list[ray.ObjectRef]:
-        return ray.get(self.server.pull.remote())[1]
-
     def validate(self) -> Future:
-        return self.evaluator.validate.remote(self._phi()).future()
+        # Φ as the output of a driver call, so the driver owns it: a queued validation
+        # survives a server restart.
+        return self.evaluator.validate.remote([self.server.flat.remote()]).future()
 
     def test(self) -> dict[str, float]:
-        return ray.get(self.evaluator.test.remote(self._phi()))
+        return ray.get(self.evaluator.test.remote([self.server.flat.remote()]))
 
     def checkpoint(self, extra: dict[str, Any]) -> None:
         ray.get(self.server.checkpoint.remote(self.path, extra))
@@ -348,8 +359,9 @@ class RayRuntime:
 
     def close(self) -> None:
         if self.loops:  # a run that failed mid-way: let the async loops end before their actors go
-            ray.get(self.server.stop.remote())
-            ray.wait(self.loops, num_returns=len(self.loops), timeout=30)
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get(self.server.stop.remote())
+                ray.wait(self.loops, num_returns=len(self.loops), timeout=30)
         for actor in (*self.workers, self.server, self.evaluator):
             if actor is not None:
                 ray.kill(actor, no_restart=True)
@@ -357,10 +369,12 @@ class RayRuntime:
             remove_placement_group(self.group)
 
 
-def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str) -> tuple[PlacementGroup, list[int]]:
+def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str,
+                    beside: tuple[float, float] = (0.0, 0.0)) -> tuple[PlacementGroup, list[int]]:
     """A placement group with one bundle per worker, ready, so all workers start together,
     and the workers' bundle indices. Inside a Ray Tune trial, whose placement group already
-    reserves the workers (its last bundles), that group.
+    reserves the workers (its last bundles), that group. ``beside`` (CPUs, GPUs) is what
+    else the run needs at the same time (the evaluator), counted in the feasibility check.
 
     Raises:
         ValueError: the cluster (or every node) has too few CPUs/GPUs, or the strategy
@@ -375,11 +389,13 @@ def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str) -> tu
     total = ray.cluster_resources()
     largest = {r: max((n["Resources"].get(r, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
                for r in ("CPU", "GPU")}
-    for resource, each in (("CPU", cpus), ("GPU", gpus)):
+    for resource, each, other in (("CPU", cpus, beside[0]), ("GPU", gpus, beside[1])):
         key = f"runtime.worker_{resource.lower()}s"
-        if workers * each > total.get(resource, 0.0):
-            raise ValueError(f"{workers} workers × {each:g} {resource} = {workers * each:g} {resource}, but the "
-                             f"Ray cluster has {total.get(resource, 0.0):g}; lower runtime.workers or {key}")
+        if workers * each + other > total.get(resource, 0.0):
+            evaluator = f" + {other:g} for the evaluator" if other else ""
+            raise ValueError(f"{workers} workers × {each:g} {resource}{evaluator} = {workers * each + other:g} "
+                             f"{resource}, but the Ray cluster has {total.get(resource, 0.0):g}; lower runtime.workers, "
+                             f"{key} or runtime.evaluator_{resource.lower()}s")
         if each > largest[resource]:
             raise ValueError(f"one worker asks for {each:g} {resource} but the largest node has "
                              f"{largest[resource]:g}; lower {key}")
