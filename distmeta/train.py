@@ -22,7 +22,7 @@ import torch
 
 from distmeta.algorithms.inner import adapted_names
 from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
-from distmeta.components import build_model
+from distmeta.components import build_model, build_sampler
 from distmeta.config import JobConfig, job_to_dict, load_run_job
 from distmeta.device import resolve_device
 from distmeta.metrics import MetricsLog, PendingRows, Progress, plot_learning_curve
@@ -104,6 +104,7 @@ def _make_runtime(job: JobConfig, run: Location, state: dict[str, Any] | None,
         return LocalRuntime(job, run, state, resolve_device(job.runtime.device))
     from distmeta.runtime.ray_runtime import RayRuntime, RaySession
 
+    build_sampler(job)  # builds the data caches once here, before every worker and the evaluator want them
     stack.enter_context(RaySession(job.runtime.address))
     return RayRuntime(job, run, state)
 
