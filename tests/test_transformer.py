@@ -7,7 +7,7 @@ import torch
 from distmeta.algorithms import InnerLoop, build_algorithm, compute_contribution
 from distmeta.algorithms.inner import expand_to_tasks
 from distmeta.data.translation import BOS, EOS, PAD
-from distmeta.models.transformer import TransformerSize, greedy_decode, make_transformer
+from distmeta.models.transformer import TransformerSize, beam_search, greedy_decode, make_transformer
 from distmeta.optim import adam
 from distmeta.types import TaskBatch
 
@@ -58,6 +58,16 @@ def test_it_memorises_a_pair_and_greedy_decoding_reproduces_it_exactly():
         phi, state = optimizer.update(phi, gradient(phi), state)
     decoded = greedy_decode(phi, SIZE, src, max_len=10)
     assert decoded[0].tolist() == tgt[0].tolist()
+    assert beam_search(phi, SIZE, src, beam=4, max_len=10)[0].tolist() == tgt[0].tolist()
+
+
+def test_a_beam_of_one_is_greedy_decoding():
+    model = make_transformer(SIZE)
+    phi = model.init(torch.Generator().manual_seed(5))
+    src = random_tasks(1, 4, torch.Generator().manual_seed(6)).support[0][0]
+    greedy, beam = greedy_decode(phi, SIZE, src, max_len=8), beam_search(phi, SIZE, src, beam=1, max_len=8)
+    for g, b in zip(greedy, beam):
+        assert g[g != PAD].tolist() == b[b != PAD].tolist()
 
 
 def test_first_order_maml_on_translation_tasks_matches_the_loop_and_is_finite():

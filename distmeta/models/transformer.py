@@ -161,3 +161,42 @@ def greedy_decode(params: Params, size: TransformerSize, src: Tensor, max_len: i
         if done.all():
             break
     return out
+
+
+@torch.no_grad()
+def beam_search(params: Params, size: TransformerSize, src: Tensor, beam: int, max_len: int,
+                alpha: float = 0.6) -> Tensor:
+    """The best hypothesis per source row (B, S) under beam search, rows as ``greedy_decode``
+    returns them. Finished hypotheses are ranked by log-probability over the GNMT length
+    penalty ((5 + length) / 6) ** alpha (Wu et al. 2016), so short outputs are not favoured;
+    the search stops once ``beam`` hypotheses have finished."""
+    best = []
+    for row in src:  # one sentence at a time: its hypotheses share one encoding
+        memory, keep = encode(params, size, row[None])
+        hypotheses = torch.full((1, 1), BOS, dtype=torch.long, device=src.device)
+        scores = torch.zeros(1, device=src.device)
+        finished: list[tuple[float, Tensor]] = []
+        for _ in range(max_len):
+            n = hypotheses.shape[0]
+            logits = decode_logits(params, size, memory.expand(n, -1, -1), keep.expand(n, -1, -1), hypotheses)
+            total = (scores[:, None] + torch.log_softmax(logits[:, -1], dim=-1)).reshape(-1)
+            top = total.topk(min(beam, total.numel()))
+            kept, kept_scores = [], []
+            for value, index in zip(top.values, top.indices.tolist()):
+                origin, token = divmod(index, logits.shape[-1])
+                sequence = torch.cat([hypotheses[origin], hypotheses.new_tensor([token])])
+                if token == EOS:
+                    finished.append((float(value) / ((5 + len(sequence) - 1) / 6) ** alpha, sequence))
+                else:
+                    kept.append(sequence)
+                    kept_scores.append(value)
+            if len(finished) >= beam or not kept:
+                break
+            hypotheses, scores = torch.stack(kept), torch.stack(kept_scores)
+        if not finished:  # nothing ended within max_len: rank the open hypotheses the same way
+            finished = [(float(s) / ((5 + len(h) - 1) / 6) ** alpha, h) for h, s in zip(hypotheses, scores)]
+        best.append(max(finished, key=lambda item: item[0])[1])
+    out = torch.full((len(best), max(len(b) for b in best)), PAD, dtype=torch.long, device=src.device)
+    for i, sequence in enumerate(best):
+        out[i, :len(sequence)] = sequence
+    return out
