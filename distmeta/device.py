@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
@@ -29,6 +30,12 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
+def tree_to(tree: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """A pytree (dicts, tuples, ...) with every tensor moved to ``device``; other leaves kept.
+    ``non_blocking`` only where nothing reads the result on the host before the device does."""
+    return tree_map(lambda v: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v, tree)
+
+
 def to_device(tasks: TaskBatch, device: torch.device) -> TaskBatch:
     """A task batch with every tensor moved to ``device``."""
-    return TaskBatch(*tree_map(lambda t: t.to(device, non_blocking=True), tuple(tasks)))
+    return TaskBatch(*tree_to(tuple(tasks), device, non_blocking=True))

@@ -272,6 +272,7 @@ def write_report(spec: SweepConfig, base: dict, out: Path, results) -> dict[str,
     ``best_job.yaml`` and ``summary.json``; the summary is also returned."""
     from distmeta.evaluate import evaluate_run
 
+    job = job_from_dict(base, "base job")
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -286,16 +287,16 @@ def write_report(spec: SweepConfig, base: dict, out: Path, results) -> dict[str,
     config = {k: best[k] for k in spec.space}
     test = evaluate_run(Location(out) / "trials" / best["trial"], tasks=spec.test_tasks, split="test",
                         round_index=0)
-    best_job = job_to_dict(trial_job(base, config)) | {"name": f"{job_from_dict(base).name}_best"}
+    best_job = job_to_dict(trial_job(base, config)) | {"name": f"{job.name}_best"}
     (out / "best_job.yaml").write_text(f"# best trial of sweep {spec.name} ({best['trial']}): "
                                        f"{spec.metric} {best[spec.metric]:.4g}\n"
                                        f"# run: distmeta train {out / 'best_job.yaml'}\n" + yaml.safe_dump(best_job))
-    a = job_from_dict(base).algorithm  # unswept keys plot at the base job's value
+    a = job.algorithm  # unswept keys plot at the base job's value
     plot_heatmap([{"algorithm.inner_lr": a.inner_lr, "algorithm.inner_steps": a.inner_steps} | r for r in rows],
                  spec, out / "heatmap.png")
     summary = {"name": spec.name, "metric": spec.metric, "mode": spec.mode, "trials": len(rows),
                "stopped_early": sum(1 for r in finished if r["step"] is not None
-                                    and r["step"] < job_from_dict(base).train.steps),
+                                    and r["step"] < job.train.steps),
                "best_trial": best["trial"], "best_config": config, f"best_{spec.metric}": best[spec.metric],
                "best_test": {k: test[k] for k in ("metric", test["metric"], "ci95", "tasks", "split")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -21,7 +21,7 @@ from distmeta.checkpoint import save_checkpoint
 from distmeta.components import build_job_algorithm, build_job_optimizer, build_model, build_sampler
 from distmeta.config import JobConfig, job_to_dict
 from distmeta.data.sampling import TaskSampler
-from distmeta.device import precision_context, to_device
+from distmeta.device import precision_context, to_device, tree_to
 from distmeta.evaluate import JobEvaluator
 from distmeta.models import TaskModel
 from distmeta.runtime.parameter_store import NonFiniteError, ParameterStore, StepRecord
@@ -140,11 +140,9 @@ class LocalRuntime:
         """``state``: the checkpoint to continue from, else start from the job's seed."""
         self.job, self.run = job, run
         model = build_model(job)
-        phi = {n: p.to(device) for n, p in initial_phi(job, model).items()}
+        phi = tree_to(initial_phi(job, model), device)
         if state is not None:
-            state = {**state, "phi": {n: p.to(device) for n, p in state["phi"].items()},
-                     "opt_state": {k: {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v
-                                   for k, v in state["opt_state"].items()}}
+            state = {**state, "phi": tree_to(state["phi"], device), "opt_state": tree_to(state["opt_state"], device)}
         self.store = ParameterStore(phi, build_job_optimizer(job), job.train.meta_batch, state=state)
         self.executor = LocalExecutor(model, build_job_algorithm(job), build_sampler(job),
                                       (state or {}).get("path") or job.runtime.path, job.runtime.precision, device,
@@ -184,7 +182,7 @@ class LocalRuntime:
         return self.evaluator.test(self.store.phi())
 
     def checkpoint(self, extra: dict[str, Any]) -> None:
-        state = {k: _to_cpu(v) for k, v in self.store.state_dict().items()}
+        state = tree_to(self.store.state_dict(), "cpu")
         save_checkpoint(self.run / "checkpoints", self.store.version, checkpoint_state(self.job, state, self.path, extra),
                         self.job.train.keep_checkpoints)
 
@@ -195,9 +193,3 @@ class LocalRuntime:
 
     def close(self) -> None:
         pass
-
-
-def _to_cpu(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.cpu()
-    return {k: _to_cpu(v) for k, v in value.items()} if isinstance(value, dict) else value
