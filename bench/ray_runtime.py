@@ -14,8 +14,9 @@ MAML, conv4, meta-batch 32, Q = 15) on the per-task loop path, 1 torch thread pe
 3. Parameter-server cost: ms per sync step of the real ``ParameterServer`` actor (sinusoid
    MLP job sized to 0.1M-50M parameters) with 1, 2, 4 fake workers that fetch Φ and push a
    precomputed slice (no task compute), from the fan-out to the server's status showing the
-   next version; the apply (``ParameterStore.submit``) and ``ray.put`` of Φ are also timed
-   in-process on their own, for the split.
+   next version; the server's own timing of its apply (``ParameterStore.submit``) and publish
+   (``ray.put`` of Φ) gives the split. Once back to back, once with the fake workers waiting
+   ``--gap-ms`` in place of the compute (not counted), since real steps are spaced by compute.
 4. sync vs async (staleness 2) on 2 workers for the same wall-clock budget: tasks/s and
    meta-test accuracy (one seed).
 
@@ -43,11 +44,11 @@ from typing import Any
 import ray
 import torch
 
-from distmeta.components import build_job_algorithm, build_job_optimizer, build_model, build_sampler
+from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import JobConfig, job_to_dict, load_job
 from distmeta.runtime.local import LocalExecutor, LocalRuntime, initial_phi
-from distmeta.runtime.parameter_store import FlatContribution, FlatLayout, ParameterStore
-from distmeta.runtime.ray_runtime import ALLOCATOR_ENV, ParameterServer, RayRuntime, task_slices
+from distmeta.runtime.parameter_store import FlatContribution, FlatLayout
+from distmeta.runtime.ray_runtime import ALLOCATOR_ENV, ParameterServer, RayRuntime, RecentObjects, task_slices
 from distmeta.storage import Location
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,21 +159,26 @@ def throughput_cases(pairs: int) -> dict[str, Any]:
 
 @ray.remote(num_cpus=0)
 class FakeWorker:
-    """A task worker without the task compute: fetches Φ, pushes a precomputed slice."""
+    """A task worker without the task compute: fetches Φ, waits ``compute_s`` in place of the
+    compute, pushes a precomputed slice."""
 
     def __init__(self, size: int, num_tasks: int) -> None:
         self.part = FlatContribution(torch.full((size,), 1e-3), num_tasks, {"loss": float(num_tasks)})
+        self.sent = RecentObjects()  # as a TaskWorker pushes
 
-    def step(self, server: Any, version: int, phi: list[ray.ObjectRef], index: int) -> tuple[float, float]:
+    def step(self, server: Any, version: int, phi: list[ray.ObjectRef], index: int,
+             compute_s: float) -> tuple[float, float]:
         """(fetch, push) seconds: ``ray.get`` of Φ, then the push round trip (queueing behind the
         other pushes, transfer, and the apply + publish when this slice completes the step)."""
         start = time.perf_counter()
         ray.get(phi[0])
         fetched = time.perf_counter()
-        status = ray.get(server.push.remote(version, index, self.part))
+        time.sleep(compute_s)
+        pushed = time.perf_counter()
+        status = ray.get(server.push.remote(version, index, self.sent.put(self.part)))
         if status not in ("pending", "applied"):
             raise RuntimeError(f"push at version {version} answered {status!r}")
-        return fetched - start, time.perf_counter() - fetched
+        return fetched - start, time.perf_counter() - pushed
 
 
 def mlp_job(params: int) -> tuple[JobConfig, int]:
@@ -183,12 +189,13 @@ def mlp_job(params: int) -> tuple[JobConfig, int]:
     return job, sum(FlatLayout.of(initial_phi(job, build_model(job))).sizes)
 
 
-def server_steps(job: JobConfig, params: int, workers: int, steps: int) -> dict[str, list[float]]:
+def server_steps(job: JobConfig, params: int, workers: int, steps: int, compute_s: float) -> dict[str, list[float]]:
     """Sync steps of a real ``ParameterServer`` with fake workers: each step fans out the slices
     and ends when the server reports the version advanced; the pull of (version, Φ) before it is
-    not timed (``RayRuntime`` takes them from the previous step's status). Two warm-up steps first."""
+    not timed (``RayRuntime`` takes them from the previous step's status), nor is ``compute_s``.
+    The apply and publish are the server's own timing of them. Two warm-up steps first."""
     slices = task_slices(job.train.meta_batch, workers)
-    timings: dict[str, list[float]] = {"step_s": [], "fetch_s": [], "push_s": []}
+    timings: dict[str, list[float]] = {"step_s": [], "fetch_s": [], "push_s": [], "apply_s": [], "publish_s": []}
     with tempfile.TemporaryDirectory() as out:
         server = ParameterServer.options(num_cpus=0, runtime_env={"env_vars": ALLOCATOR_ENV}).remote(
             job_to_dict(job), out, len(slices))
@@ -197,50 +204,35 @@ def server_steps(job: JobConfig, params: int, workers: int, steps: int) -> dict[
         for i in range(2 + steps):
             version, phi = ray.get(server.pull.remote())
             start = time.perf_counter()
-            parts = ray.get([f.step.remote(server, version, phi, index) for index, f in enumerate(fakes)])
-            if ray.get(server.status.remote())["version"] != version + 1:
+            parts = ray.get([f.step.remote(server, version, phi, index, compute_s) for index, f in enumerate(fakes)])
+            status = ray.get(server.status.remote())
+            if status["version"] != version + 1:
                 raise RuntimeError(f"step {version} was not applied")
             if i >= 2:
-                timings["step_s"].append(time.perf_counter() - start)
+                timings["step_s"].append(time.perf_counter() - start - compute_s)
                 timings["fetch_s"].append(max(fetch for fetch, _ in parts))
                 timings["push_s"].append(max(push for _, push in parts))
+                timings["apply_s"].append(status["last_step_s"]["apply"])
+                timings["publish_s"].append(status["last_step_s"]["publish"])
         for actor in (server, *fakes):
             ray.kill(actor, no_restart=True)
     return timings
 
 
-def apply_and_publish(job: JobConfig, workers: int, repeats: int) -> dict[str, list[float]]:
-    """In-process, 1 thread like the server actor: ``ParameterStore.submit`` of every slice of a
-    step (finiteness checks, sum in slice order, Adam on the flat buffer) and ``ray.put`` of Φ."""
-    store = ParameterStore(initial_phi(job, build_model(job)), build_job_optimizer(job), job.train.meta_batch,
-                           len(task_slices(job.train.meta_batch, workers)))
-    parts = [FlatContribution(torch.full_like(store.flat, 1e-3), b - a, {"loss": float(b - a)})
-             for a, b in task_slices(job.train.meta_batch, workers)]
-    timings: dict[str, list[float]] = {"apply_s": [], "publish_s": []}
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for index, part in enumerate(parts):
-            store.submit(store.version, index, part)
-        published = time.perf_counter()
-        ref = ray.put(store.flat)
-        timings["apply_s"].append(published - start)
-        timings["publish_s"].append(time.perf_counter() - published)
-        del ref
-    return timings
-
-
-def server_cost(sizes: list[str], workers: list[int], steps: dict[str, int]) -> list[dict[str, Any]]:
-    """Case 3: ms per sync step by model size and worker count, with its split."""
+def server_cost(sizes: list[str], workers: list[int], steps: dict[str, int], gaps_s: list[float]) -> list[dict[str, Any]]:
+    """Case 3: ms per sync step by model size, worker count and compute gap, with its split."""
     rows = []
     for name in sizes:
         job, params = mlp_job(PS_SIZES[name])
-        for count in workers:
-            timings = server_steps(job, params, count, steps[name]) | apply_and_publish(job, count, steps[name])
-            medians_ms = {k.removesuffix("_s") + "_ms": 1000 * statistics.median(v) for k, v in timings.items()}
-            row = {"size": name, "params": params, "hidden": job.model.hidden[0], "workers": count,
-                   "steps": steps[name], **medians_ms, "all_s": timings}
-            rows.append(row)
-            print(f"  {name} ({params:,} params) × {count} workers: {row['step_ms']:.1f} ms/step", flush=True)
+        for gap in gaps_s:
+            for count in workers:
+                timings = server_steps(job, params, count, steps[name], gap)
+                medians_ms = {k.removesuffix("_s") + "_ms": 1000 * statistics.median(v) for k, v in timings.items()}
+                row = {"size": name, "params": params, "hidden": job.model.hidden[0], "workers": count,
+                       "compute_gap_ms": 1000 * gap, "steps": steps[name], **medians_ms, "all_s": timings}
+                rows.append(row)
+                print(f"  {name} ({params:,} params) × {count} workers, {1000 * gap:.0f} ms compute gap: "
+                      f"{row['step_ms']:.1f} ms/step", flush=True)
     return rows
 
 
@@ -270,6 +262,49 @@ def sync_vs_async(budget_s: float, test_tasks: int) -> dict[str, dict[str, Any]]
     return found
 
 
+def worker_scaling(configs: list[tuple[int, tuple[str, ...]]], steps: int) -> list[dict[str, Any]]:
+    """Cases 5-6: tasks/s of ``advance()`` for each (workers, extra settings) of the Omniglot job,
+    over ``steps`` steps after two warm-up steps; workers 0 is the in-process runtime."""
+    rows = []
+    for workers, extra in configs:
+        job = omniglot_job(workers, extra)
+        if workers == 0:
+            with tempfile.TemporaryDirectory() as out:
+                runtime = LocalRuntime(job, Location(out), None, torch.device(job.runtime.device))
+                timed_steps(runtime, 2)
+                seconds = timed_steps(runtime, steps)
+        else:
+            with ray_runtime(job) as runtime:
+                timed_steps(runtime, 2)
+                seconds = timed_steps(runtime, steps)
+        row = {"workers": workers, "settings": list(extra), "meta_batch": job.train.meta_batch, "path": runtime.path,
+               "worker_gpus": job.runtime.worker_gpus, "steps": steps, "step_s": seconds,
+               "tasks_per_s": job.train.meta_batch / statistics.median(seconds)}
+        rows.append(row)
+        print(f"  {workers} workers {' '.join(extra)}: {row['tasks_per_s']:.1f} tasks/s", flush=True)
+    return rows
+
+
+CPU_SCALING_WORKERS = (1, 4, 8)  # of 1 CPU and 1 thread each, on a machine of 16 cores
+GPU_SHARES = ((1, 1.0), (2, 0.5), (4, 0.25))  # (workers, GPU fraction each): one GPU in all
+
+
+def cpu_scaling(steps: int) -> list[dict[str, Any]]:
+    """Case 5: the job on 1, 4 and 8 workers of 1 CPU each (per-task loop path)."""
+    return worker_scaling([(n, ()) for n in CPU_SCALING_WORKERS if n <= (os.cpu_count() or 1) - 1], steps)
+
+
+def gpu_sharing(steps: int, meta_batches: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Case 6: one GPU as one whole-GPU worker, 2 × 0.5 or 4 × 0.25 (batched path), against the
+    in-process runtime on the same GPU, at each meta-batch size."""
+    configs = []
+    for meta_batch in meta_batches:
+        gpu = ("runtime.path=batched", "runtime.device=cuda", f"train.meta_batch={meta_batch}")
+        configs.append((0, gpu))
+        configs += [(n, (*gpu, f"runtime.worker_gpus={share}")) for n, share in GPU_SHARES]
+    return worker_scaling(configs, steps)
+
+
 def print_tables(results: dict[str, Any]) -> None:
     if "throughput" in results:
         print_throughput(results["throughput"])
@@ -277,6 +312,19 @@ def print_tables(results: dict[str, Any]) -> None:
         print_server(results["server"])
     if "sync_vs_async" in results:
         print_sync_vs_async(results["sync_vs_async"])
+    for case in ("cpu_scaling", "gpu_sharing"):
+        if case in results:
+            print_scaling(case, results[case])
+
+
+def print_scaling(case: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n{case}: Omniglot 5w1s second-order MAML, median of {rows[0]['steps']} steps")
+    print(f"{'workers':>7} {'GPU each':>8} {'meta-batch':>10} {'path':>8} {'tasks/s':>8} {'vs first':>8}")
+    first: dict[int, float] = {}
+    for row in rows:
+        base = first.setdefault(row["meta_batch"], row["tasks_per_s"])
+        print(f"{row['workers']:>7} {row['worker_gpus']:>8g} {row['meta_batch']:>10} {row['path']:>8} "
+              f"{row['tasks_per_s']:>8.1f} {row['tasks_per_s'] / base:>7.2f}×")
 
 
 def print_throughput(t: dict[str, Any]) -> None:
@@ -291,15 +339,20 @@ def print_throughput(t: dict[str, Any]) -> None:
 
 
 def print_server(server: list[dict[str, Any]]) -> None:
-    print("\nParameter server, ms per sync step (median): step = fetch + push (push includes apply, publish)")
-    print(f"{'size':<5} {'params':>11} {'workers':>7} {'step':>8} {'fetch':>8} {'push':>8} {'apply':>8} {'publish':>8}")
+    print("\nParameter server, ms per sync step (median): step = fetch + push (push includes apply, publish),")
+    print("the fake workers' compute gap not counted")
+    print(f"{'size':<5} {'params':>11} {'gap ms':>6} {'workers':>7} {'step':>8} {'fetch':>8} {'push':>8} {'apply':>8} "
+          f"{'publish':>8}")
     for row in server:
-        print(f"{row['size']:<5} {row['params']:>11,} {row['workers']:>7} {row['step_ms']:>8.1f} {row['fetch_ms']:>8.1f} "
-              f"{row['push_ms']:>8.1f} {row['apply_ms']:>8.1f} {row['publish_ms']:>8.1f}")
+        print(f"{row['size']:<5} {row['params']:>11,} {row['compute_gap_ms']:>6.0f} {row['workers']:>7} {row['step_ms']:>8.1f} "
+              f"{row['fetch_ms']:>8.1f} {row['push_ms']:>8.1f} {row['apply_ms']:>8.1f} {row['publish_ms']:>8.1f}")
     for size, limit in PS_TARGET_MS.items():
-        worst = max((row["step_ms"] for row in server if row["size"] == size), default=None)
-        if worst is not None:
-            print(f"{size}: slowest {worst:.1f} ms/step (target < {limit:g} ms: {'met' if worst < limit else 'missed'})")
+        for gap in sorted({row["compute_gap_ms"] for row in server}):
+            worst = max((row["step_ms"] for row in server if row["size"] == size and row["compute_gap_ms"] == gap),
+                        default=None)
+            if worst is not None:
+                print(f"{size}, {gap:.0f} ms gap: slowest {worst:.1f} ms/step "
+                      f"(target < {limit:g} ms: {'met' if worst < limit else 'missed'})")
 
 
 def print_sync_vs_async(modes: dict[str, dict[str, Any]]) -> None:
@@ -324,13 +377,19 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, help="alternating step pairs per comparison in cases 1-2 (default 15; quick 3)")
     parser.add_argument("--budget", type=float, help="seconds of training per mode in case 4 (default 60; quick 15)")
     parser.add_argument("--test-tasks", type=int, help="meta-test tasks in case 4 (default 200; quick 20)")
-    parser.add_argument("--cases", default="1234", help="which cases to run, e.g. 3 (cases 1 and 2 run together)")
+    parser.add_argument("--cases", default="1234", help="which cases to run, e.g. 3 (cases 1 and 2 run together); "
+                        "5 (1/4/8 CPU workers) and 6 (GPU shares) are for a machine of 16 cores and a GPU")
+    parser.add_argument("--sizes", help=f"model sizes of case 3, comma-separated, of {', '.join(PS_SIZES)}")
+    parser.add_argument("--scaling-steps", type=int, default=8, help="timed steps per configuration in cases 5-6")
+    parser.add_argument("--gap-ms", type=float, default=100.0,
+                        help="case 3 runs back to back, and again with the fake workers waiting this long in place of "
+                             "the compute (not counted), as real steps are spaced")
     parser.add_argument("--json", default="bench/results/ray_runtime.json")
     args = parser.parse_args()
     pairs = args.pairs or (3 if args.quick else 15)
     budget = args.budget or (15.0 if args.quick else 60.0)
     test_tasks = args.test_tasks or (20 if args.quick else 200)
-    sizes = ["0.1M", "1M"] if args.quick else list(PS_SIZES)
+    sizes = args.sizes.split(",") if args.sizes else ["0.1M", "1M"] if args.quick else list(PS_SIZES)
     workers = [1, 2] if args.quick else [1, 2, 4]
     ps_steps = {name: 3 for name in sizes} if args.quick else PS_STEPS
     torch.set_num_threads(1)
@@ -340,17 +399,24 @@ def main() -> None:
                                "load_avg_start": os.getloadavg()}
     print(f"torch {torch.__version__}, ray {ray.__version__}, {results['cpu']} × {results['cpus']}, "
           f"load {results['load_avg_start'][0]:.2f}")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         if "1" in args.cases or "2" in args.cases:
             print("cases 1-2: in-process vs 1 and 2 Ray workers", flush=True)
             results["throughput"] = throughput_cases(pairs)
         if "3" in args.cases:
             print("case 3: parameter-server cost", flush=True)
-            results["server"] = server_cost(sizes, workers, ps_steps)
+            results["server"] = server_cost(sizes, workers, ps_steps, [0.0, args.gap_ms / 1000])
         if "4" in args.cases:
             print("case 4: sync vs async", flush=True)
             results["sync_vs_async"] = sync_vs_async(budget, test_tasks)
+        if "5" in args.cases:
+            print("case 5: CPU worker scaling", flush=True)
+            results["cpu_scaling"] = cpu_scaling(args.scaling_steps)
+        if "6" in args.cases:
+            print("case 6: fractional GPU workers", flush=True)
+            results["gpu"] = torch.cuda.get_device_name()
+            results["gpu_sharing"] = gpu_sharing(args.scaling_steps, (32, 128))
     finally:
         ray.shutdown()
     results["load_avg_end"] = os.getloadavg()

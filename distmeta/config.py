@@ -131,6 +131,7 @@ class RuntimeConfig:
     placement: str = choice("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", default="PACK")  # workers' gang placement
     mode: str = choice("sync", "async", default="sync")  # sync: reproducible steps; async: apply slices on arrival
     staleness: int = 2  # async: drop slices computed at a Φ more than this many steps old
+    server_threads: int = 2  # torch threads of the parameter server's apply (sync workers idle meanwhile)
     evaluator_cpus: float = 0.0  # CPUs reserved for the validation actor (0: shares the workers' CPUs)
     evaluator_gpus: float = 0.0
     storage: str | None = None  # folder or pyarrow.fs URI (s3://, gs://) for runs (None: runs/); --out overrides
@@ -243,6 +244,7 @@ def _check_values(job: JobConfig) -> list[str]:
         (job.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
         (job.runtime.worker_gpus >= 0, "runtime.worker_gpus", "must be >= 0"),
         (job.runtime.staleness >= 0, "runtime.staleness", "must be >= 0"),
+        (job.runtime.server_threads >= 1, "runtime.server_threads", "must be >= 1"),
         (job.runtime.evaluator_cpus >= 0, "runtime.evaluator_cpus", "must be >= 0"),
         (job.runtime.evaluator_gpus >= 0, "runtime.evaluator_gpus", "must be >= 0"),
         (job.runtime.workers > 0 or job.runtime.mode == "sync", "runtime.mode",

@@ -233,6 +233,35 @@ def test_adam_matches_torch_optim_adam():
         assert torch.allclose(params[n], reference[n].detach(), rtol=1e-6, atol=1e-7)
 
 
+def _copy(tree: dict) -> dict:
+    return {k: _copy(v) if isinstance(v, dict) else v.clone() if isinstance(v, torch.Tensor) else v
+            for k, v in tree.items()}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        _equal(a[k], b[k]) if isinstance(a[k], dict) else torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor)
+        else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("make", [lambda: adam(0.01), lambda: sgd(0.1)], ids=["adam", "sgd"])
+def test_a_donated_update_is_bit_identical_to_a_plain_one_which_leaves_its_inputs_alone(make):
+    g = torch.Generator().manual_seed(12)
+    opt = make()
+    plain = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+    plain_state = opt.init(plain)
+    donated, donated_state = _copy(plain), _copy(plain_state)
+    for _ in range(3):
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in plain.items()}
+        inputs, snapshot = (plain, plain_state), _copy({"params": plain, "state": plain_state})
+        plain, plain_state = opt.update(plain, grads, plain_state)
+        assert _equal({"params": inputs[0], "state": inputs[1]}, snapshot)  # untouched
+        buffers = [p.data_ptr() for p in donated.values()]
+        donated, donated_state = opt.update(donated, grads, donated_state, donate=True)
+        assert [p.data_ptr() for p in donated.values()] == buffers  # written in place
+        assert _equal(donated, plain) and _equal(donated_state, plain_state)
+
+
 @pytest.mark.slow
 def test_compiled_batched_path_matches_the_eager_one():
     model = make_conv4(ways=3, width=8)

@@ -1,6 +1,9 @@
 """The parameter server's aggregation rules, without Ray."""
 from __future__ import annotations
 
+import pickle
+
+import numpy as np
 import pytest
 import torch
 
@@ -77,12 +80,15 @@ def test_non_finite_slices_are_rejected_counted_and_never_applied():
     assert store.submit(0, 0, part(0, 2)) == "applied"
 
 
-def test_an_update_that_makes_phi_non_finite_raises_and_keeps_phi():
+def test_an_update_that_makes_phi_non_finite_raises_and_the_store_can_never_be_saved_or_used_again():
     store = ParameterStore(params(), sgd(1e10), meta_batch=1)
-    before = store.flat.clone()
     with pytest.raises(NonFiniteError, match="non-finite updated Φ at step 0"):
         store.submit(0, 0, FlatContribution(torch.full((41,), 1e30), 1, {}))
-    assert torch.equal(store.flat, before) and store.version == 0
+    assert store.version == 0
+    with pytest.raises(NonFiniteError, match="non-finite updated Φ at step 0"):
+        store.state_dict()  # so no checkpoint can hold it
+    with pytest.raises(NonFiniteError, match="non-finite updated Φ at step 0"):
+        store.submit(0, 0, part(0, 1))
 
 
 def test_async_applies_a_meta_batch_of_arrivals_and_drops_too_stale_ones():
@@ -112,3 +118,17 @@ def test_async_tickets_resume_at_a_step_boundary_whatever_the_worker_count():
     assert handed[-1] == (2, 0)
     resumed = ParameterStore(params(), sgd(0.1), meta_batch=4, slices=4, mode="async", state=store.state_dict())
     assert resumed.ticket() == (3, 0)  # step 2 was partly handed out: no task is trained on twice
+
+
+def test_a_contribution_travels_as_an_out_of_band_buffer_and_arrives_as_a_read_only_view():
+    grad = torch.randn(41)
+    buffers = []
+    data = pickle.dumps(FlatContribution(grad, 3, {"loss": 2.0}), protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 1 and grad.numpy().tobytes() not in data  # the data travels beside the pickle
+    view = memoryview(buffers[0].raw()).toreadonly()  # what Ray hands back: shared memory, read-only
+    arrived = pickle.loads(data, buffers=[view])
+    assert torch.equal(arrived.grad_sum, grad) and arrived.num_tasks == 3 and arrived.metrics == {"loss": 2.0}
+    assert arrived.grad_sum.data_ptr() == np.frombuffer(view, dtype=np.uint8).ctypes.data  # no copy
+    store = ParameterStore(params(), sgd(0.1), meta_batch=6, slices=2)
+    assert store.submit(0, 0, arrived) == "pending" and store.submit(0, 1, arrived) == "applied"  # never written
+    assert torch.equal(arrived.grad_sum, grad)

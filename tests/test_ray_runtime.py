@@ -89,7 +89,7 @@ class FaultyRuntime(RayRuntime):
                 raise RuntimeError("simulated driver crash")
             elif self.fault == "nan":
                 version, _ = ray.get(self.server.pull.remote())
-                size = ray.get(self.server.flat.remote()).numel()
+                size = ray.get(self.server.flat.remote()).size
                 nan = FlatContribution(torch.full((size,), float("nan")), 4, {"loss": 1.0})
                 assert ray.get(self.server.push.remote(version, 0, nan)) == "rejected"
         return super().advance()

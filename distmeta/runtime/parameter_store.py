@@ -14,8 +14,10 @@ Either way a non-finite slice is rejected and counted, never applied.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from distmeta.optim import Optimizer
@@ -28,12 +30,35 @@ class NonFiniteError(FloatingPointError):
     """A meta-gradient or Φ went NaN/infinite; Φ was not updated and checkpoints are intact."""
 
 
+def to_wire(flat: torch.Tensor) -> np.ndarray:
+    """A flat CPU buffer as the numpy view Ray moves without copies (pickle-5 out-of-band
+    buffers). Torch tensors are copied on each side instead: 98 ms vs 6 ms to pass 10M floats
+    to an actor on this machine."""
+    return flat.detach().cpu().contiguous().numpy()
+
+
+def from_wire(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array`` without a copy. What ``ray.get`` returns is a read-only view of
+    the object store: the tensor must never be written in place (nothing here does)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 class FlatContribution(NamedTuple):
-    """A slice's contribution as it travels: the summed gradient as one flat buffer."""
+    """A slice's contribution as it travels: the summed gradient as one flat buffer, pickled
+    zero-copy (``to_wire``), so that a push costs no copy of the buffer on either side."""
 
     grad_sum: torch.Tensor
     num_tasks: int
     metrics: dict[str, float]  # sums over the slice's tasks
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _contribution_from_wire, (to_wire(self.grad_sum), self.num_tasks, self.metrics)
+
+
+def _contribution_from_wire(grad_sum: np.ndarray, num_tasks: int, metrics: dict[str, float]) -> FlatContribution:
+    return FlatContribution(from_wire(grad_sum), num_tasks, metrics)
 
 
 class StepRecord(NamedTuple):
@@ -101,6 +126,7 @@ class ParameterStore:
             # Tickets resume at a step boundary, so a resume with another slice count skips no task.
             self.tickets = int(state.get("sampler", {}).get("next_ticket_step", self.version)) * slices
             self.rejected, self.stale = int(state.get("rejected", 0)), int(state.get("stale", 0))
+        self.failure: str | None = None  # why this store may no longer be used or saved
         self.records: list[StepRecord] = []
         self._parts: dict[int, FlatContribution] = {}  # sync: this step's slices by index
         self._pending: FlatContribution | None = None  # async: the running sum towards the next step
@@ -122,8 +148,9 @@ class ParameterStore:
         (non-finite; dropped).
 
         Raises:
-            NonFiniteError: the update itself made Φ non-finite (Φ is left unchanged).
+            NonFiniteError: the update itself made Φ non-finite, now or at an earlier submit.
         """
+        self._check_usable()
         if not _finite(part.grad_sum) or not all(math.isfinite(v) for v in part.metrics.values()):
             self.rejected += 1
             return "rejected"
@@ -149,11 +176,14 @@ class ParameterStore:
 
     def _apply(self, total: FlatContribution) -> str:
         grads = total.grad_sum / total.num_tasks
-        new_phi, new_state = self.optimizer.update({"phi": self.flat}, {"phi": grads}, self.opt_state)
+        # Φ and the moments are updated in place (a 10M-parameter Adam step in a third of the
+        # time); so a non-finite result leaves this store unusable rather than unchanged.
+        new_phi, new_state = self.optimizer.update({"phi": self.flat}, {"phi": grads}, self.opt_state, donate=True)
         if not _finite(new_phi["phi"]):
             bad = ", ".join(self.layout.non_finite_names(new_phi["phi"]))
-            raise NonFiniteError(f"non-finite updated Φ at step {self.version} in {bad}; Φ was not updated "
-                                 "and checkpoints are intact. Lower optimizer.lr.")
+            self.failure = (f"non-finite updated Φ at step {self.version} in {bad}; the run stops and the "
+                            "checkpoints, all from before this step, are intact. Lower optimizer.lr.")
+            self._check_usable()
         self.flat, self.opt_state = new_phi["phi"], new_state
         self.records.append(StepRecord(self.version, total.num_tasks, total.metrics))
         self.version += 1
@@ -164,8 +194,17 @@ class ParameterStore:
         records, self.records = self.records, []
         return records
 
+    def _check_usable(self) -> None:
+        if self.failure is not None:
+            raise NonFiniteError(self.failure)
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds, with Φ and the optimizer moments as named parameters."""
+        """What a checkpoint holds, with Φ and the optimizer moments as named parameters.
+
+        Raises:
+            NonFiniteError: an update made Φ non-finite (such a state is never saved).
+        """
+        self._check_usable()
         return {
             "phi": {n: t.clone() for n, t in self.phi().items()},
             "opt_state": {k: self.layout.unflatten(v["phi"].clone()) if isinstance(v, dict) else v
@@ -186,11 +225,15 @@ def _finite(flat: torch.Tensor) -> bool:
 
 
 def _sum(parts: list[FlatContribution]) -> FlatContribution:
-    """Left to right, so the float sum is reproducible."""
-    grad = parts[0].grad_sum.clone()
-    metrics = dict(parts[0].metrics)
-    for part in parts[1:]:
+    """Left to right, so the float sum is reproducible. Never writes into a part (a part may be
+    a read-only view of Ray's object store); one part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    grad = parts[0].grad_sum + parts[1].grad_sum  # a new buffer, then summed into in place
+    for part in parts[2:]:
         grad += part.grad_sum
+    metrics: dict[str, float] = {}
+    for part in parts:
         for k, v in part.metrics.items():
             metrics[k] = metrics.get(k, 0.0) + v
     return FlatContribution(grad, sum(p.num_tasks for p in parts), metrics)
