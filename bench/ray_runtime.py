@@ -60,6 +60,7 @@ OMNIGLOT_SETTINGS = ["runtime.path=loop", "runtime.threads=1", "runtime.worker_c
                      "train.val_every=0"]
 PS_SIZES = {"0.1M": 100_000, "1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000}
 PS_STEPS = {"0.1M": 30, "1M": 20, "10M": 10, "50M": 5}  # timed steps per (size, workers), after 2 warm-up steps
+WIRE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # runtime.contributions
 PS_TARGET_MS = {"10M": 50.0}  # per sync step, at every worker count
 TARGETS = {"1 worker / in-process": 0.9, "2 workers / 1 worker": 1.7}  # throughput ratios
 
@@ -162,9 +163,9 @@ class FakeWorker:
     """A task worker without the task compute: fetches Φ, waits ``compute_s`` in place of the
     compute, pushes a precomputed slice."""
 
-    def __init__(self, size: int, num_tasks: int) -> None:
+    def __init__(self, size: int, num_tasks: int, wire_dtype: torch.dtype) -> None:
         self.part = FlatContribution(torch.full((size,), 1e-3), num_tasks, {"loss": float(num_tasks)})
-        self.sent = RecentObjects()  # as a TaskWorker pushes
+        self.sent, self.wire_dtype = RecentObjects(), wire_dtype  # as a TaskWorker pushes
 
     def step(self, server: Any, version: int, phi: list[ray.ObjectRef], index: int,
              compute_s: float) -> tuple[float, float]:
@@ -175,7 +176,8 @@ class FakeWorker:
         fetched = time.perf_counter()
         time.sleep(compute_s)
         pushed = time.perf_counter()
-        status = ray.get(server.push.remote(version, index, self.sent.put(self.part)))
+        part = self.part._replace(grad_sum=self.part.grad_sum.to(self.wire_dtype))  # a TaskWorker's cast
+        status = ray.get(server.push.remote(version, index, self.sent.put(part)))
         if status not in ("pending", "applied"):
             raise RuntimeError(f"push at version {version} answered {status!r}")
         return fetched - start, time.perf_counter() - pushed
@@ -189,7 +191,8 @@ def mlp_job(params: int) -> tuple[JobConfig, int]:
     return job, sum(FlatLayout.of(initial_phi(job, build_model(job))).sizes)
 
 
-def server_steps(job: JobConfig, params: int, workers: int, steps: int, compute_s: float) -> dict[str, list[float]]:
+def server_steps(job: JobConfig, params: int, workers: int, steps: int, compute_s: float,
+                 wire_dtype: torch.dtype) -> dict[str, list[float]]:
     """Sync steps of a real ``ParameterServer`` with fake workers: each step fans out the slices
     and ends when the server reports the version advanced; the pull of (version, Φ) before it is
     not timed (``RayRuntime`` takes them from the previous step's status), nor is ``compute_s``.
@@ -199,7 +202,7 @@ def server_steps(job: JobConfig, params: int, workers: int, steps: int, compute_
     with tempfile.TemporaryDirectory() as out:
         server = ParameterServer.options(num_cpus=0, runtime_env={"env_vars": ALLOCATOR_ENV}).remote(
             job_to_dict(job), out, len(slices))
-        fakes = [FakeWorker.remote(params, b - a) for a, b in slices]
+        fakes = [FakeWorker.remote(params, b - a, wire_dtype) for a, b in slices]
         ray.get([f.__ray_ready__.remote() for f in fakes] + [server.status.remote()])
         for i in range(2 + steps):
             version, phi = ray.get(server.pull.remote())
@@ -219,20 +222,22 @@ def server_steps(job: JobConfig, params: int, workers: int, steps: int, compute_
     return timings
 
 
-def server_cost(sizes: list[str], workers: list[int], steps: dict[str, int], gaps_s: list[float]) -> list[dict[str, Any]]:
-    """Case 3: ms per sync step by model size, worker count and compute gap, with its split."""
+def server_cost(sizes: list[str], workers: list[int], steps: dict[str, int], gaps_s: list[float],
+                wires: list[str]) -> list[dict[str, Any]]:
+    """Case 3: ms per sync step by model size, slice dtype, compute gap and worker count, with its split."""
     rows = []
     for name in sizes:
         job, params = mlp_job(PS_SIZES[name])
-        for gap in gaps_s:
-            for count in workers:
-                timings = server_steps(job, params, count, steps[name], gap)
-                medians_ms = {k.removesuffix("_s") + "_ms": 1000 * statistics.median(v) for k, v in timings.items()}
-                row = {"size": name, "params": params, "hidden": job.model.hidden[0], "workers": count,
-                       "compute_gap_ms": 1000 * gap, "steps": steps[name], **medians_ms, "all_s": timings}
-                rows.append(row)
-                print(f"  {name} ({params:,} params) × {count} workers, {1000 * gap:.0f} ms compute gap: "
-                      f"{row['step_ms']:.1f} ms/step", flush=True)
+        for wire in wires:
+            for gap in gaps_s:
+                for count in workers:
+                    timings = server_steps(job, params, count, steps[name], gap, getattr(torch, WIRE_DTYPES[wire]))
+                    medians_ms = {k.removesuffix("_s") + "_ms": 1000 * statistics.median(v) for k, v in timings.items()}
+                    row = {"size": name, "params": params, "hidden": job.model.hidden[0], "wire": wire, "workers": count,
+                           "compute_gap_ms": 1000 * gap, "steps": steps[name], **medians_ms, "all_s": timings}
+                    rows.append(row)
+                    print(f"  {name} ({params:,} params), {wire} slices, {1000 * gap:.0f} ms compute gap, {count} workers: "
+                          f"{row['step_ms']:.1f} ms/step", flush=True)
     return rows
 
 
@@ -341,17 +346,18 @@ def print_throughput(t: dict[str, Any]) -> None:
 def print_server(server: list[dict[str, Any]]) -> None:
     print("\nParameter server, ms per sync step (median): step = fetch + push (push includes apply, publish),")
     print("the fake workers' compute gap not counted")
-    print(f"{'size':<5} {'params':>11} {'gap ms':>6} {'workers':>7} {'step':>8} {'fetch':>8} {'push':>8} {'apply':>8} "
-          f"{'publish':>8}")
+    print(f"{'size':<5} {'params':>11} {'wire':>5} {'gap ms':>6} {'workers':>7} {'step':>8} {'fetch':>8} {'push':>8} "
+          f"{'apply':>8} {'publish':>8}")
     for row in server:
-        print(f"{row['size']:<5} {row['params']:>11,} {row['compute_gap_ms']:>6.0f} {row['workers']:>7} {row['step_ms']:>8.1f} "
-              f"{row['fetch_ms']:>8.1f} {row['push_ms']:>8.1f} {row['apply_ms']:>8.1f} {row['publish_ms']:>8.1f}")
+        print(f"{row['size']:<5} {row['params']:>11,} {row['wire']:>5} {row['compute_gap_ms']:>6.0f} {row['workers']:>7} "
+              f"{row['step_ms']:>8.1f} {row['fetch_ms']:>8.1f} {row['push_ms']:>8.1f} {row['apply_ms']:>8.1f} "
+              f"{row['publish_ms']:>8.1f}")
     for size, limit in PS_TARGET_MS.items():
-        for gap in sorted({row["compute_gap_ms"] for row in server}):
-            worst = max((row["step_ms"] for row in server if row["size"] == size and row["compute_gap_ms"] == gap),
-                        default=None)
+        for wire, gap in sorted({(row["wire"], row["compute_gap_ms"]) for row in server}):
+            worst = max((row["step_ms"] for row in server
+                         if (row["size"], row["wire"], row["compute_gap_ms"]) == (size, wire, gap)), default=None)
             if worst is not None:
-                print(f"{size}, {gap:.0f} ms gap: slowest {worst:.1f} ms/step "
+                print(f"{size}, {wire} slices, {gap:.0f} ms gap: slowest {worst:.1f} ms/step "
                       f"(target < {limit:g} ms: {'met' if worst < limit else 'missed'})")
 
 
@@ -379,6 +385,7 @@ def main() -> None:
     parser.add_argument("--test-tasks", type=int, help="meta-test tasks in case 4 (default 200; quick 20)")
     parser.add_argument("--cases", default="1234", help="which cases to run, e.g. 3 (cases 1 and 2 run together); "
                         "5 (1/4/8 CPU workers) and 6 (GPU shares) are for a machine of 16 cores and a GPU")
+    parser.add_argument("--contributions", default="fp32,bf16", help="slice dtypes on the wire in case 3")
     parser.add_argument("--sizes", help=f"model sizes of case 3, comma-separated, of {', '.join(PS_SIZES)}")
     parser.add_argument("--scaling-steps", type=int, default=8, help="timed steps per configuration in cases 5-6")
     parser.add_argument("--gap-ms", type=float, default=100.0,
@@ -406,7 +413,8 @@ def main() -> None:
             results["throughput"] = throughput_cases(pairs)
         if "3" in args.cases:
             print("case 3: parameter-server cost", flush=True)
-            results["server"] = server_cost(sizes, workers, ps_steps, [0.0, args.gap_ms / 1000])
+            results["server"] = server_cost(sizes, workers, ps_steps, [0.0, args.gap_ms / 1000],
+                                            args.contributions.split(","))
         if "4" in args.cases:
             print("case 4: sync vs async", flush=True)
             results["sync_vs_async"] = sync_vs_async(budget, test_tasks)

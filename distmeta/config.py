@@ -131,6 +131,7 @@ class RuntimeConfig:
     placement: str = choice("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", default="PACK")  # workers' gang placement
     mode: str = choice("sync", "async", default="sync")  # sync: reproducible steps; async: apply slices on arrival
     staleness: int = 2  # async: drop slices computed at a Φ more than this many steps old
+    contributions: str = choice("fp32", "bf16", default="fp32")  # slices' dtype on the wire (bf16: half the bytes, not bit-identical)
     server_threads: int = 2  # torch threads of the parameter server's apply (sync workers idle meanwhile)
     evaluator_cpus: float = 0.0  # CPUs reserved for the validation actor (0: shares the workers' CPUs)
     evaluator_gpus: float = 0.0
@@ -249,6 +250,8 @@ def _check_values(job: JobConfig) -> list[str]:
         (job.runtime.evaluator_gpus >= 0, "runtime.evaluator_gpus", "must be >= 0"),
         (job.runtime.workers > 0 or job.runtime.mode == "sync", "runtime.mode",
          "async needs Ray task workers (runtime.workers >= 1)"),
+        (job.runtime.workers > 0 or job.runtime.contributions == "fp32", "runtime.contributions",
+         "bf16 is how slices travel between Ray processes; it needs runtime.workers >= 1"),
     ]
     if t.dataset == "omniglot":
         rules += [

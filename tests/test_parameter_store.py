@@ -132,3 +132,19 @@ def test_a_contribution_travels_as_an_out_of_band_buffer_and_arrives_as_a_read_o
     store = ParameterStore(params(), sgd(0.1), meta_batch=6, slices=2)
     assert store.submit(0, 0, arrived) == "pending" and store.submit(0, 1, arrived) == "applied"  # never written
     assert torch.equal(arrived.grad_sum, grad)
+
+
+def test_bf16_slices_travel_in_half_the_bytes_and_are_summed_in_float32():
+    parts = [part(seed, 2) for seed in range(3)]
+    halves = [p._replace(grad_sum=p.grad_sum.to(torch.bfloat16)) for p in parts]
+    buffers = []
+    data = pickle.dumps(halves[0], protocol=5, buffer_callback=buffers.append)
+    arrived = pickle.loads(data, buffers=[b.raw() for b in buffers])
+    assert buffers[0].raw().nbytes == 2 * 41 and arrived.grad_sum.dtype == torch.bfloat16
+    assert torch.equal(arrived.grad_sum, halves[0].grad_sum)
+    by_wire = ParameterStore(params(), sgd(0.1), meta_batch=6, slices=3)
+    upcast = ParameterStore(params(), sgd(0.1), meta_batch=6, slices=3)
+    for index, (half, pre) in enumerate(zip([arrived, *halves[1:]], halves)):
+        by_wire.submit(0, index, half)
+        upcast.submit(0, index, pre._replace(grad_sum=pre.grad_sum.float()))
+    assert by_wire.flat.dtype == torch.float32 and torch.equal(by_wire.flat, upcast.flat)

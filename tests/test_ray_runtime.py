@@ -14,7 +14,9 @@ import torch
 from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
 from distmeta.config import load_job
+from distmeta.components import build_model
 from distmeta.runtime import ray_runtime
+from distmeta.runtime.local import initial_phi
 from distmeta.runtime.parameter_store import FlatContribution, NonFiniteError
 from distmeta.runtime.ray_runtime import RayRuntime, task_slices
 from distmeta.storage import Location
@@ -144,6 +146,16 @@ def test_a_killed_driver_resumes_to_the_same_phi(local_ray, tmp_path):
     resumed = json.loads((tmp_path / "crashed" / "summary.json").read_text())
     assert resumed["steps"] == 6 and resumed["phi_sha256"] == calm["phi_sha256"]
     assert_same_phi(tmp_path / "calm", tmp_path / "crashed")
+
+
+def test_bf16_contributions_train_to_nearly_the_phi_of_fp32_ones(local_ray, tmp_path):
+    train(job(2, 5), tmp_path / "fp32")
+    train(job(2, 5, "runtime.contributions=bf16"), tmp_path / "bf16")
+    start = initial_phi(job(2), build_model(job(2)))
+    fp32, bf16 = final_phi(tmp_path / "fp32"), final_phi(tmp_path / "bf16")
+    moved = max((fp32[n] - start[n]).abs().max().item() for n in start)
+    apart = max((fp32[n] - bf16[n]).abs().max().item() for n in start)
+    assert 0 < apart < 0.05 * moved, (apart, moved)  # rounded on the wire, yet the same training
 
 
 def test_a_non_finite_slice_is_rejected_counted_and_the_step_still_applied(local_ray, tmp_path):

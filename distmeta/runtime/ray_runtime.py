@@ -156,6 +156,7 @@ class TaskWorker:
         self.executor = LocalExecutor(build_model(job), build_job_algorithm(job), build_sampler(job), path,
                                       job.runtime.precision, self.device, job.runtime.compile)
         self.layout, self.cached, self.sent = layout, ("", None), RecentObjects()
+        self.wire_dtype = torch.bfloat16 if job.runtime.contributions == "bf16" else torch.float32
 
     def _phi(self, phi_ref: ray.ObjectRef) -> dict[str, torch.Tensor]:
         """Φ, fetched once per published buffer (versions repeat after a server restart; refs do not)."""
@@ -165,7 +166,8 @@ class TaskWorker:
 
     def _compute(self, phi_ref: ray.ObjectRef, step: int, start: int, stop: int) -> FlatContribution:
         contribution = self.executor.slice_contribution(self._phi(phi_ref), step, start, stop)
-        return self.layout.flatten_contribution(contribution)  # moved to the CPU when it is pickled
+        part = self.layout.flatten_contribution(contribution)  # moved to the CPU when it is pickled
+        return part._replace(grad_sum=part.grad_sum.to(self.wire_dtype))
 
     def compute(self, server: Any, path: str, version: int, phi: list[ray.ObjectRef], index: int, start: int,
                 stop: int) -> tuple[str, int]:
