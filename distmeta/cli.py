@@ -67,14 +67,27 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from distmeta.compare.pipeline import compare
+
+    folder = compare(args.compare, args.out, args.stage, args.address)
+    if (folder / "report.md").exists() and args.stage in ("all", "report"):
+        print((folder / "report.md").read_text())
+    print(f"comparison in {folder}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
+    from distmeta.compare.config import is_compare_file, load_compare
     from distmeta.sweep import is_sweep_file, load_sweep
 
     for path in args.jobs:
         try:
             if is_sweep_file(path):
                 load_sweep(path)
+            elif is_compare_file(path):
+                load_compare(path)
             else:
                 load_job(path, args.set)
             print(f"{path}: ok")
@@ -129,7 +142,19 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
     sw.set_defaults(run=_sweep)
 
-    validate = commands.add_parser("validate", help="check job (and sweep) files without running them")
+    cmp = commands.add_parser(
+        "compare", help="MAML vs multilingual pre-training for low-resource translation (Gu et al. 2018)",
+        description="Data preparation, meta-training (parameter-server runtime), pre-training (Ray Train), "
+                    "fine-tuning every target at every budget, decoding and a sacrebleu report; each stage cached "
+                    "in the run folder and resumable.")
+    cmp.add_argument("compare", help="YAML comparison file (see jobs/translation_compare*.yaml)")
+    cmp.add_argument("--out", help="run folder (default runs/<name>); rerunning into it continues")
+    cmp.add_argument("--stage", default="all", choices=("all", "prepare", "meta", "pretrain", "finetune", "report"),
+                     help="run one stage only (its inputs must exist)")
+    cmp.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
+    cmp.set_defaults(run=_compare)
+
+    validate = commands.add_parser("validate", help="check job, sweep and comparison files without running them")
     validate.add_argument("jobs", nargs="+")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate.set_defaults(run=_validate)

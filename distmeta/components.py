@@ -23,9 +23,13 @@ def build_model(job: JobConfig) -> TaskModel:
     if m.name == "conv4":
         return make_conv4(ways=job.task.ways, width=m.width, downsample=m.downsample)
     if m.name == "transformer":
-        return make_transformer(TransformerSize(job.task.vocab, m.dim, m.heads, m.ffn, m.layers, m.layers,
-                                                m.shared_embeddings))
+        return make_transformer(transformer_size(job))
     return make_mlp(1, tuple(m.hidden), 1)
+
+
+def transformer_size(job: JobConfig) -> TransformerSize:
+    m = job.model
+    return TransformerSize(job.task.vocab, m.dim, m.heads, m.ffn, m.layers, m.layers, m.shared_embeddings)
 
 
 def train_inner_loop(job: JobConfig) -> InnerLoop:
@@ -62,7 +66,7 @@ def build_sampler(job: JobConfig) -> TaskSampler:
         if not source:
             raise DataError("no translation data: set data.translation or $DISTMETA_TRANSLATION to a Parquet file")
         cache = Path(job.data.cache) if job.data.cache else default_cache_dir()
-        _, store = prepare_translation(source, t.languages, t.vocab, cache)
+        _, store = prepare_translation(source, t.vocab_languages or t.languages, t.vocab, cache)
         return TranslationTasks(open_store(store), t.languages, t.support_tokens, t.query_tokens, t.max_len, job.seed)
     data = load_omniglot(job.data.omniglot, job.data.cache)
     return OmniglotTasks(data, ways=t.ways, shots=t.shots, queries=t.queries, protocol=t.protocol,

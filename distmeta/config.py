@@ -67,6 +67,7 @@ class TaskConfig:
     query_tokens: int = 1000  # translation: target tokens per query set
     max_len: int = 64  # translation: longer sentences are cut (sentencepiece pieces)
     vocab: int = 8000  # translation: shared sentencepiece vocabulary size
+    vocab_languages: list[str] = field(default_factory=list)  # translation: whose training text trains it (empty: languages)
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,8 @@ def _check_values(job: JobConfig) -> list[str]:
         rules += [
             (m.name == "transformer", "model.name", "translation tasks need model transformer"),
             (bool(t.languages), "task.languages", "must name at least one language"),
+            (not t.vocab_languages or set(t.languages) <= set(t.vocab_languages), "task.vocab_languages",
+             "must include every language of task.languages (or be empty)"),
             (min(t.support_tokens, t.query_tokens, t.max_len) >= 1, "task.support_tokens",
              "task.support_tokens, task.query_tokens and task.max_len must be >= 1"),
             (t.vocab > 260, "task.vocab", "must exceed 260 (4 special ids and 256 byte pieces)"),

@@ -239,7 +239,7 @@ class TranslationTasks:
         self.languages, self.seed, self.max_len = tuple(languages), seed, max_len
         self.support_tokens, self.query_tokens = support_tokens, query_tokens
         self.src, self.tgt = _Ragged(store.column("src_ids")), _Ragged(store.column("tgt_ids"))
-        self.rows: dict[tuple[str, str], np.ndarray] = {}
+        self.by_language: dict[tuple[str, str], np.ndarray] = {}
         for lang in self.languages:
             for split in DATA_SPLIT.values():
                 mask = pc.and_(pc.equal(store.column("src_lang"), lang), pc.equal(store.column("split"), split))
@@ -247,7 +247,7 @@ class TranslationTasks:
                 if len(rows) < 2:
                     raise DataError(f"language {lang!r} has {len(rows)} pair(s) in split {split!r}; a task "
                                     "needs a support and a query set")
-                self.rows[lang, split] = rows
+                self.by_language[lang, split] = rows
 
     def _fill(self, rows: np.ndarray, budget: int) -> tuple[list[int], np.ndarray]:
         """The leading rows whose target tokens (with bos/eos) fit ``budget`` (at least one)."""
@@ -260,12 +260,36 @@ class TranslationTasks:
             used += cost
         return taken, rows[len(taken):]
 
+    def rows(self, lang: str, split: str) -> np.ndarray:
+        """Store rows of ``lang``'s pairs in ``split`` (train, val or test), in file order."""
+        return self.by_language[lang, DATA_SPLIT[split]]
+
+    def budget_rows(self, lang: str, tokens: int | None, seed: int) -> np.ndarray:
+        """A fine-tuning set: ``lang``'s training pairs in a fixed shuffled order, cut where
+        their target tokens (with bos/eos) reach ``tokens`` (None: all of them). The order
+        depends on ``seed`` alone, so smaller budgets are prefixes of larger ones and every
+        initialisation fine-tunes on the same pairs."""
+        order = np.random.default_rng([seed, 7919]).permutation(self.by_language[lang, "train"])
+        if tokens is None:
+            return order
+        costs = np.array([min(len(self.tgt.row(r)), self.max_len) + 2 for r in order])
+        return order[:max(1, int(np.searchsorted(np.cumsum(costs), tokens, side="right")))]
+
+    def target_tokens(self, rows: np.ndarray) -> int:
+        """Target tokens of ``rows`` as the model sees them (cut to max_len, with bos/eos)."""
+        return int(sum(min(len(self.tgt.row(r)), self.max_len) + 2 for r in rows))
+
+    def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs ``rows`` as one padded batch: source ids (B, S), target ids (B, L)."""
+        src, tgt = self._pad([list(rows)])
+        return src[0], tgt[0]
+
     def sample(self, split: str, step: int, start: int, stop: int) -> TaskBatch:
         tasks = []
         for index in range(start, stop):
             rng = task_rng(self.seed, split, step, index)
             lang = self.languages[rng.integers(len(self.languages))]
-            order = rng.permutation(self.rows[lang, DATA_SPLIT[split]])
+            order = rng.permutation(self.by_language[lang, DATA_SPLIT[split]])
             support, rest = self._fill(order[:-1], self.support_tokens)  # the last row is kept for the query
             query, _ = self._fill(np.concatenate([rest, order[-1:]]), self.query_tokens)
             tasks.append((support, query))

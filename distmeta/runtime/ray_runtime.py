@@ -444,9 +444,11 @@ class RaySession:
             or nothing answers at a ``host:port`` address.
     """
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, log_to_driver: bool = False, dashboard: bool = False) -> None:
+        """``log_to_driver``: show the actors' and tasks' output here (progress of Ray Train
+        workers); ``dashboard``: start the dashboard, whose state API Ray Train polls."""
         self.address = address or os.environ.get("RAY_ADDRESS")
-        self.started = False
+        self.started, self.log_to_driver, self.dashboard = False, log_to_driver, dashboard
 
     def __enter__(self) -> "RaySession":
         if self.address:
@@ -455,7 +457,7 @@ class RaySession:
             if self.address:
                 raise ValueError(f"Ray is already initialised in this process; cannot also join {self.address}")
             return self
-        ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False)
+        ray.init(address=self.address or "local", include_dashboard=self.dashboard, log_to_driver=self.log_to_driver)
         self.started = True
         log.info("ray: %s", f"connected to {self.address}" if self.address else "new embedded local instance")
         return self

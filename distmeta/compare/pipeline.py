@@ -1,0 +1,231 @@
+"""``distmeta compare``: MAML vs multilingual pre-training as initialisations for
+low-resource translation (Gu et al. 2018), as cached, resumable stages on one Ray instance.
+
+    prepare   the shared tokeniser and encoded store (cached by data file, languages, size)
+    meta      meta-training on the sources: a ``train`` run on the parameter-server runtime
+    pretrain  the equal-budget multilingual baseline on Ray Train
+    finetune  every (target, budget, seed, initialisation) fine-tuned, then its dev and test
+              sentences translated: one Ray task each, in parallel, each result one file
+    report    sacrebleu BLEU / chrF with 95% CIs and paired bootstrap, report.md,
+              results.json and the learning-curve PNG
+
+Each stage skips the work whose result is already on disk, so a crash or a new target
+redoes only what is missing; ``--stage`` runs one stage (after checking that its inputs
+exist). The run folder records the configuration; a stage refuses to reuse results made
+under a different one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
+from distmeta.compare.config import INITS, CompareConfig, budget_name, load_compare, pretrain_job
+from distmeta.components import build_model, transformer_size
+from distmeta.config import JobConfig, job_from_dict, job_to_dict
+from distmeta.data.omniglot import DataError, default_cache_dir
+from distmeta.data.translation import TranslationTasks, open_store, prepare_translation, read_pairs
+
+log = logging.getLogger("distmeta.compare")
+STAGES = ("prepare", "meta", "pretrain", "finetune", "report")
+
+
+def compare(path: str | Path, out: str | Path | None = None, stage: str = "all", address: str | None = None) -> Path:
+    """Run the comparison ``path`` (every stage, or one) into ``out``; returns the run folder.
+
+    Raises:
+        ConfigError: a malformed comparison or meta-training job.
+        DataError: missing or unreadable translation data, or a language it lacks.
+        ValueError: an unknown stage; results in ``out`` made under another configuration.
+        FileNotFoundError: a stage run on its own before the stages it needs.
+    """
+    if stage != "all" and stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of all, {', '.join(STAGES)}")
+    spec, job = load_compare(path)
+    job = _resolved_data(job)
+    folder = Path(out) if out is not None else Path("runs") / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    _record_config(folder, spec, job)
+    from distmeta.runtime.ray_runtime import RaySession
+
+    wanted = STAGES if stage == "all" else (stage,)
+    with RaySession(address or job.runtime.address, log_to_driver=True, dashboard=True):
+        for name in wanted:
+            began = time.perf_counter()
+            log.info("compare: stage %s", name)
+            STAGE_FUNCTIONS[name](spec, job, folder)
+            log.info("compare: stage %s done in %.0f s", name, time.perf_counter() - began)
+    return folder
+
+
+def _resolved_data(job: JobConfig) -> JobConfig:
+    """The job with its data file and cache folder as absolute paths, so that Ray workers
+    read the same files wherever their environment points."""
+    source = job.data.translation or os.environ.get("DISTMETA_TRANSLATION")
+    if not source:
+        raise DataError("no translation data: set data.translation in the meta job or $DISTMETA_TRANSLATION")
+    cache = Path(job.data.cache) if job.data.cache else default_cache_dir()
+    return replace(job, data=replace(job.data, translation=str(Path(source).absolute()), cache=str(cache.absolute())))
+
+
+def _record_config(folder: Path, spec: CompareConfig, job: JobConfig) -> None:
+    """Write compare.json, or check that the one there matches (results are never mixed)."""
+    record = {"compare": asdict(spec), "meta_job": job_to_dict(job)}
+    recorded = folder / "compare.json"
+    if recorded.exists():
+        before = json.loads(recorded.read_text())
+        for part in ("meta_job",):
+            if before.get(part) != record[part]:
+                raise ValueError(f"{folder} holds a comparison with another {part.replace('_', ' ')}; "
+                                 "use another --out for this one")
+    recorded.write_text(json.dumps(record, indent=2))
+
+
+def _data(job: JobConfig, languages: list[str]) -> tuple[Any, TranslationTasks]:
+    """The shared tokeniser and tasks over ``languages`` (from the cached store)."""
+    t = job.task
+    pipeline, store = prepare_translation(job.data.translation, t.vocab_languages, t.vocab, Path(job.data.cache))
+    return pipeline, TranslationTasks(open_store(store), languages, t.support_tokens, t.query_tokens, t.max_len, job.seed)
+
+
+def stage_prepare(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
+    """Tokeniser and store; fails here on a language the data lacks."""
+    pipeline, _ = _data(job, [*spec.sources, *spec.targets])
+    log.info("compare: vocabulary of %d pieces trained on the training pairs of %s", pipeline.vocab_size,
+             ", ".join(job.task.vocab_languages))
+
+
+def stage_meta(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
+    from distmeta.train import train
+
+    run = folder / "meta"
+    if (run / "summary.json").exists():
+        log.info("compare: meta-training already finished in %s", run)
+        return
+    train(job, run, resume=bool(checkpoints(run / "checkpoints")))
+
+
+def stage_pretrain(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
+    from distmeta.compare.pretrain import run_pretraining
+
+    done = folder / "pretrain" / "phi.pt"
+    if done.exists():
+        log.info("compare: pre-training already finished (%s)", done)
+        return
+    phi = run_pretraining(pretrain_job(job), folder / "pretrain", spec.pretrain)
+    torch.save(phi, done.with_suffix(".tmp"))
+    done.with_suffix(".tmp").replace(done)
+
+
+def initialisation(name: str, job: JobConfig, folder: Path) -> dict[str, torch.Tensor]:
+    """Φ of an initialisation: MAML's final Φ, pre-training's, or the shared random start.
+
+    Raises:
+        FileNotFoundError: its stage has not run yet.
+    """
+    if name == "maml":
+        if not (folder / "meta" / "summary.json").exists():
+            raise FileNotFoundError(f"no finished meta-training in {folder / 'meta'}; run --stage meta first")
+        return load_checkpoint(latest_checkpoint(folder / "meta" / "checkpoints"))["phi"]
+    if name == "pretrain":
+        if not (folder / "pretrain" / "phi.pt").exists():
+            raise FileNotFoundError(f"no finished pre-training in {folder / 'pretrain'}; run --stage pretrain first")
+        return torch.load(folder / "pretrain" / "phi.pt", weights_only=True)
+    from distmeta.runtime.local import initial_phi
+
+    return initial_phi(job, build_model(job))
+
+
+def result_file(folder: Path, target: str, init: str, budget: int | None, seed: int) -> Path:
+    return folder / "finetune" / target / init / f"{budget_name(budget)}_seed{seed}.json"
+
+
+def runs(spec: CompareConfig) -> list[tuple[str, str, int | None, int]]:
+    """Every (target, init, budget, seed) fine-tuning run; budget 0 (no training) once, seed-free."""
+    return [(target, init, budget, seed) for target in spec.targets for budget in spec.budget_tokens()
+            for seed in (spec.finetune.seeds[:1] if budget == 0 else spec.finetune.seeds) for init in INITS]
+
+
+def stage_finetune(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
+    import ray
+
+    inits = {name: ray.put(initialisation(name, job, folder)) for name in INITS}
+    remote = ray.remote(num_cpus=spec.finetune.cpus, num_gpus=spec.finetune.gpus, max_retries=2)(finetune_run)
+    todo = [r for r in runs(spec) if not result_file(folder, *r).exists()]
+    log.info("compare: %d fine-tuning runs, %d already done", len(runs(spec)), len(runs(spec)) - len(todo))
+    pending = {remote.remote(asdict(spec), job_to_dict(job), inits[init], target, init, budget, seed,
+                             str(result_file(folder, target, init, budget, seed))): (target, init, budget, seed)
+               for target, init, budget, seed in todo}
+    began, finished = time.perf_counter(), 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        target, init, budget, seed = pending.pop(ready[0])
+        summary = ray.get(ready[0])
+        finished += 1
+        rate = finished / (time.perf_counter() - began)
+        log.info("compare: %s %s budget %s seed %d: %d steps, dev loss %.3f → %.3f (%d/%d, ETA %.0f s)", target, init,
+                 budget_name(budget), seed, summary["steps"], summary["start_dev_loss"], summary["dev_loss"], finished,
+                 len(todo), len(pending) / rate)
+
+
+def finetune_run(spec_dict: dict, job_dict: dict, phi: dict[str, torch.Tensor], target: str, init: str,
+                 budget: int | None, seed: int, out: str) -> dict[str, Any]:
+    """One fine-tuning run and its translations, written to ``out`` (a Ray task)."""
+    from distmeta.compare.config import build_compare
+    from distmeta.compare.finetune import finetune, translate
+    from distmeta.device import resolve_device
+
+    spec, job = build_compare(spec_dict), job_from_dict(job_dict, "meta job")
+    torch.set_num_threads(max(1, int(spec.finetune.cpus)))
+    device = resolve_device("cuda" if spec.finetune.gpus > 0 else "cpu")
+    pipeline, tasks = _data(job, [target])
+    model, size = build_model(job), transformer_size(job)
+    train_rows = tasks.budget_rows(target, budget, seed) if budget != 0 else tasks.rows(target, "train")[:0]
+    dev_rows = tasks.rows(target, "val")[:spec.decode.dev_pairs]
+    test_rows = tasks.rows(target, "test")[:spec.decode.test_pairs]
+    began = time.perf_counter()
+    tuned = finetune(model, phi, tasks, train_rows, dev_rows, spec.finetune, seed, device)
+    summary = {"target": target, "init": init, "budget": budget_name(budget), "seed": seed,
+               "train_pairs": len(train_rows), "train_tokens": tasks.target_tokens(train_rows),
+               "steps": tuned.steps, "best_step": tuned.best_step, "dev_loss": tuned.dev_loss,
+               "start_dev_loss": tuned.start_dev_loss, "curve": tuned.curve,
+               "finetune_s": time.perf_counter() - began}
+    summary["dev_hypotheses"] = translate(tuned.phi, size, tasks, pipeline, dev_rows, spec.decode, device)
+    summary["test_hypotheses"] = translate(tuned.phi, size, tasks, pipeline, test_rows, spec.decode, device)
+    summary["seconds"] = time.perf_counter() - began
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(summary))
+    path.with_suffix(".tmp").replace(path)
+    return summary
+
+
+def references(job: JobConfig, target: str, split: str, count: int) -> tuple[list[str], list[str]]:
+    """The first ``count`` (source, English) pairs of ``target``'s split, raw, in file order:
+    the same pairs, in the same order, that fine-tuning decoded."""
+    table = read_pairs(job.data.translation, [target], [split])
+    return table.column("src").to_pylist()[:count], table.column("tgt").to_pylist()[:count]
+
+
+def stage_report(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
+    from distmeta.compare.report import write_report
+
+    missing = [r for r in runs(spec) if not result_file(folder, *r).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} fine-tuning result(s) missing (e.g. {result_file(folder, *missing[0])}); "
+                                "run --stage finetune first")
+    results = {r: json.loads(result_file(folder, *r).read_text()) for r in runs(spec)}
+    refs = {(target, split): references(job, target, split, count)[1] for target in spec.targets
+            for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs))}
+    write_report(spec, job, folder, results, refs)
+
+
+STAGE_FUNCTIONS = {"prepare": stage_prepare, "meta": stage_meta, "pretrain": stage_pretrain,
+                   "finetune": stage_finetune, "report": stage_report}

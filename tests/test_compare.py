@@ -1,0 +1,174 @@
+"""The MAML vs pre-training translation comparison: config validation, the equal-budget
+baseline, fine-tuning and decoding, Ray Train pre-training against the in-process run, and
+the whole pipeline's CPU smoke preset with its caching."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+
+from distmeta.checkpoint import checkpoints, load_checkpoint
+from distmeta.cli import main
+from distmeta.compare.config import DecodeConfig, FinetuneConfig, PretrainConfig, load_compare, pretrain_job
+from distmeta.compare.finetune import finetune, token_batches, translate
+from distmeta.compare.pipeline import compare, result_file, runs
+from distmeta.compare.pretrain import run_pretraining
+from distmeta.components import build_model, transformer_size
+from distmeta.config import ConfigError, load_job
+from distmeta.data.omniglot import default_cache_dir
+from distmeta.data.translation import TranslationTasks, open_store, prepare_translation
+from distmeta.train import train
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+SMOKE = JOBS / "translation_compare_smoke.yaml"
+DATA = os.environ.get("DISTMETA_TRANSLATION")
+needs_data = pytest.mark.skipif(not DATA, reason="set DISTMETA_TRANSLATION to the Tatoeba Parquet file")
+
+
+def write_compare(tmp_path: Path, **changes) -> Path:
+    """The smoke comparison with top-level ``changes``, written to ``tmp_path``."""
+    raw = {**yaml.safe_load(SMOKE.read_text()), "meta_job": str(JOBS / "translation_fomaml_smoke.yaml"), **changes}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"finetune": {"budgets": [0, -5]}}, "finetune.budgets: must be target-token counts >= 0 or 'all'"),
+    ({"finetune": {"budgets": ["most"]}}, "finetune.budgets"),
+    ({"targets": ["deu"]}, "targets: must not overlap sources"),
+    ({"decode": {"beam": 0}}, "decode.beam: must be >= 1"),
+    ({"pretrain": {"workers": 0}}, "pretrain.workers: must be >= 1"),
+    ({"finetune": {"lr": 0.0}}, "finetune.lr: must be finite and > 0"),
+    ({"fine_tune": {}}, "fine_tune: unknown key"),
+    ({"meta_job": "nowhere.yaml"}, "meta_job: no job file"),
+    ({"overrides": ["algorithm.name=pretrain"]}, "meta_job: algorithm.name is pretrain"),
+    ({"overrides": ["model.heads=5"]}, "model.heads: must divide model.dim"),
+])
+def test_a_bad_comparison_names_its_key(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_compare(write_compare(tmp_path, **changes))
+
+
+def test_the_baseline_gets_the_same_updates_tasks_tokens_and_optimizer():
+    spec, job = load_compare(SMOKE)
+    base = pretrain_job(job)
+    assert job.task.languages == spec.sources and job.task.vocab_languages == [*spec.sources, *spec.targets]
+    assert base.algorithm.name == "pretrain" and job.algorithm.name == "fomaml"
+    assert (base.train.steps, base.train.meta_batch, base.optimizer) == (job.train.steps, job.train.meta_batch, job.optimizer)
+    assert base.task.query_tokens == job.task.support_tokens + job.task.query_tokens  # what fomaml sees per task
+    assert base.task.languages == job.task.languages and base.seed == job.seed
+
+
+@pytest.fixture(scope="module")
+def target_tasks():
+    """The smoke comparison's tokeniser and tasks over its two targets."""
+    if not DATA:
+        pytest.skip("set DISTMETA_TRANSLATION to the Tatoeba Parquet file")
+    _, job = load_compare(SMOKE)
+    pipeline, store = prepare_translation(DATA, job.task.vocab_languages, job.task.vocab, default_cache_dir())
+    return job, pipeline, TranslationTasks(open_store(store), ["ron", "lav"], 300, 300, job.task.max_len, 0)
+
+
+@needs_data
+def test_budgets_are_nested_prefixes_of_one_order_and_hold_their_tokens(target_tasks):
+    _, _, tasks = target_tasks
+    small, large = tasks.budget_rows("ron", 2000, seed=0), tasks.budget_rows("ron", 8000, seed=0)
+    assert np.array_equal(large[:len(small)], small)
+    assert 1900 < tasks.target_tokens(small) <= 2000 and 7900 < tasks.target_tokens(large) <= 8000
+    assert len(tasks.budget_rows("ron", None, seed=0)) == len(tasks.rows("ron", "train"))
+    assert not np.array_equal(tasks.budget_rows("ron", 2000, seed=1)[:5], small[:5])  # another seed, other pairs
+    assert all(tasks.target_tokens(b) <= 500 or len(b) == 1 for b in token_batches(tasks, large, 500))
+
+
+@needs_data
+def test_fine_tuning_on_one_pair_memorises_it_and_greedy_decoding_returns_it_exactly(target_tasks):
+    job, pipeline, tasks = target_tasks
+    torch.manual_seed(0)
+    pair = tasks.rows("ron", "train")[:1]
+    model = build_model(job)
+    phi = model.init(torch.Generator().manual_seed(0))
+    config = FinetuneConfig(lr=3e-3, batch_tokens=1000, max_steps=150, eval_every=25, patience=10)
+    tuned = finetune(model, phi, tasks, pair, pair, config, seed=0, device=torch.device("cpu"))
+    assert tuned.dev_loss < 0.05 < tuned.start_dev_loss and tuned.best_step > 0
+    reference = pipeline.decode(tasks.batch(pair)[1][0, 1:].tolist())
+    output = translate(tuned.phi, transformer_size(job), tasks, pipeline, pair, DecodeConfig(beam=1, max_len=32),
+                       torch.device("cpu"))
+    assert output == [reference]
+    assert translate(tuned.phi, transformer_size(job), tasks, pipeline, pair, DecodeConfig(beam=3, max_len=32),
+                     torch.device("cpu")) == [reference]
+
+
+@needs_data
+def test_no_budget_means_no_training_and_early_stopping_keeps_the_best_phi(target_tasks):
+    job, _, tasks = target_tasks
+    model = build_model(job)
+    phi = model.init(torch.Generator().manual_seed(0))
+    dev = tasks.rows("ron", "val")[:30]
+    untouched = finetune(model, phi, tasks, tasks.rows("ron", "train")[:0], dev, FinetuneConfig(), 0, torch.device("cpu"))
+    assert untouched.steps == 0 and all(torch.equal(untouched.phi[n], phi[n]) for n in phi)
+    config = FinetuneConfig(lr=3e-2, batch_tokens=300, max_steps=60, eval_every=5, patience=2)  # too hot: diverges
+    tuned = finetune(model, phi, tasks, tasks.budget_rows("ron", 3000, 0), dev, config, 0, torch.device("cpu"))
+    assert tuned.dev_loss == min(loss for _, loss in tuned.curve)  # the Φ kept is the best one seen
+    assert tuned.steps <= config.max_steps
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@needs_data
+@pytest.mark.slow
+def test_ray_train_pretraining_matches_the_in_process_run_and_continues_where_it_stopped(local_ray, tmp_path):
+    _, job = load_compare(SMOKE)
+    job = pretrain_job(load_job(JOBS / "translation_fomaml_smoke.yaml", [
+        "train.steps=6", "train.checkpoint_every=3", "train.val_every=0", "train.log_every=3", "eval.tasks=2",
+        "runtime.workers=0", "runtime.path=loop", f"task.languages={json.dumps(job.task.languages)}",
+        f"task.vocab_languages={json.dumps(job.task.vocab_languages)}"]))
+    train(job, tmp_path / "local")
+    local = load_checkpoint(checkpoints(tmp_path / "local" / "checkpoints")[-1])["phi"]
+    halfway = replace(job, train=replace(job.train, steps=3))
+    run_pretraining(halfway, tmp_path / "ray_pretrain", PretrainConfig(workers=2))
+    phi = run_pretraining(job, tmp_path / "ray_pretrain", PretrainConfig(workers=2))  # continues from step 3
+    for name, value in local.items():
+        assert torch.allclose(phi[name], value, rtol=0, atol=1e-5), name
+
+
+@needs_data
+@pytest.mark.slow
+def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp_path, caplog):
+    folder = tmp_path / "cmp"
+    with pytest.raises(FileNotFoundError, match="run --stage finetune first"):
+        compare(SMOKE, folder, stage="report")
+    assert main(["compare", str(SMOKE), "--out", str(folder)]) == 0
+    report = json.loads((folder / "results.json").read_text())
+    assert {(r["target"], r["budget"], r["init"]) for r in report["rows"]} == {
+        (t, b, i) for t in ("ron", "lav") for b in ("0", "3000") for i in ("maml", "pretrain", "random")}
+    for row in report["rows"]:
+        if row["budget"] == "3000":  # fine-tuning beats its own starting point on dev chrF
+            assert row["dev_chrf"] > row["start_dev_chrf"], row
+            assert row["steps"] > 0 and 2500 < row["train_tokens"] <= 3000
+        assert row["bleu_ci95"] is not None and 0 <= row["chrf"] <= 100
+        assert (row["bleu_p_vs_pretrain"] is None) == (row["init"] == "pretrain")
+    assert (folder / "learning_curves.png").stat().st_size > 10_000 and "p (MAML vs pre)" in (folder / "report.md").read_text()
+
+    spec, _ = load_compare(SMOKE)
+    files = {r: result_file(folder, *r) for r in runs(spec)}
+    stamps = {r: f.stat().st_mtime_ns for r, f in files.items()}
+    redo = ("lav", "maml", 3000, 0)
+    files[redo].unlink()
+    caplog.set_level("INFO", logger="distmeta.compare")
+    compare(SMOKE, folder)  # meta-training and pre-training are not redone, one fine-tuning run is
+    assert "meta-training already finished" in caplog.text and "pre-training already finished" in caplog.text
+    assert "12 fine-tuning runs, 11 already done" in caplog.text
+    assert all(files[r].stat().st_mtime_ns == stamps[r] for r in files if r != redo) and files[redo].exists()
