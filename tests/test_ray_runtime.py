@@ -13,8 +13,8 @@ import torch
 
 from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
-from distmeta.config import load_job
 from distmeta.components import build_model
+from distmeta.config import load_job
 from distmeta.runtime import ray_runtime
 from distmeta.runtime.local import initial_phi
 from distmeta.runtime.parameter_store import FlatContribution, NonFiniteError
