@@ -59,10 +59,11 @@ def test_a_bad_comparison_names_its_key(tmp_path, changes, message):
 
 def test_the_baseline_gets_the_same_updates_tasks_tokens_and_optimizer():
     spec, job = load_compare(SMOKE)
-    base = pretrain_job(job)
+    base = pretrain_job(job, 17)
     assert job.task.languages == spec.sources and job.task.vocab_languages == [*spec.sources, *spec.targets]
     assert base.algorithm.name == "pretrain" and job.algorithm.name == "fomaml"
-    assert (base.train.steps, base.train.meta_batch, base.optimizer) == (job.train.steps, job.train.meta_batch, job.optimizer)
+    assert (base.train.steps, base.train.meta_batch, base.optimizer) == (17, job.train.meta_batch, job.optimizer)
+    assert base.train.time_limit_s is None  # it makes all the updates meta-training made
     assert base.task.query_tokens == job.task.support_tokens + job.task.query_tokens  # what fomaml sees per task
     assert base.task.languages == job.task.languages and base.seed == job.seed
 
@@ -134,7 +135,7 @@ def test_ray_train_pretraining_matches_the_in_process_run_and_continues_where_it
     job = pretrain_job(load_job(JOBS / "translation_fomaml_smoke.yaml", [
         "train.steps=6", "train.checkpoint_every=3", "train.val_every=0", "train.log_every=3", "eval.tasks=2",
         "runtime.workers=0", "runtime.path=loop", f"task.languages={json.dumps(job.task.languages)}",
-        f"task.vocab_languages={json.dumps(job.task.vocab_languages)}"]))
+        f"task.vocab_languages={json.dumps(job.task.vocab_languages)}"]), steps=6)
     train(job, tmp_path / "local")
     local = load_checkpoint(checkpoints(tmp_path / "local" / "checkpoints")[-1])["phi"]
     halfway = replace(job, train=replace(job.train, steps=3))

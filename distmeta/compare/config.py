@@ -162,12 +162,15 @@ def meta_job(spec: CompareConfig, raw_job: dict[str, Any], source: str) -> JobCo
     return job_from_dict(raw, source)
 
 
-def pretrain_job(job: JobConfig) -> JobConfig:
-    """The pre-training baseline's job, equal in budget to ``job``: the same number of updates
-    of Φ, each from the same number of tasks (languages drawn the same way), each task seeing
-    the same target tokens (``support_tokens + query_tokens``, all in one batch of its
-    language, since there is no inner step), and the same outer optimizer."""
+def pretrain_job(job: JobConfig, steps: int) -> JobConfig:
+    """The pre-training baseline's job, equal in budget to the meta-training run of ``job``
+    that made ``steps`` updates (fewer than ``train.steps`` when its time limit stopped it):
+    the same number of updates of Φ, each from the same number of tasks (languages drawn the
+    same way), each task seeing the same target tokens (``support_tokens + query_tokens``,
+    all in one batch of its language, since there is no inner step), and the same outer
+    optimizer."""
     t = job.task
     return replace(job, name=f"{job.name}_pretrain",
                    task=replace(t, query_tokens=t.support_tokens + t.query_tokens),
-                   algorithm=replace(job.algorithm, name="pretrain", inner_steps=0))
+                   algorithm=replace(job.algorithm, name="pretrain", inner_steps=0),
+                   train=replace(job.train, steps=steps, time_limit_s=None))

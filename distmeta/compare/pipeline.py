@@ -56,7 +56,7 @@ def compare(path: str | Path, out: str | Path | None = None, stage: str = "all",
     from distmeta.runtime.ray_runtime import RaySession
 
     wanted = STAGES if stage == "all" else (stage,)
-    with RaySession(address or job.runtime.address, log_to_driver=True, dashboard=True):
+    with RaySession(address or job.runtime.address, log_to_driver=True, dashboard=None):
         for name in wanted:
             began = time.perf_counter()
             log.info("compare: stage %s", name)
@@ -119,7 +119,12 @@ def stage_pretrain(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
     if done.exists():
         log.info("compare: pre-training already finished (%s)", done)
         return
-    phi = run_pretraining(pretrain_job(job), folder / "pretrain", spec.pretrain)
+    meta_summary = folder / "meta" / "summary.json"
+    if not meta_summary.exists():
+        raise FileNotFoundError(f"no finished meta-training in {folder / 'meta'} (pre-training matches its number "
+                                "of updates); run --stage meta first")
+    steps = json.loads(meta_summary.read_text())["steps"]
+    phi = run_pretraining(pretrain_job(job, steps), folder / "pretrain", spec.pretrain)
     torch.save(phi, done.with_suffix(".tmp"))
     done.with_suffix(".tmp").replace(done)
 

@@ -178,9 +178,9 @@ def encode_store(table: pa.Table, pipeline: TextPipeline, path: str | Path) -> P
 def prepare_translation(path: str | Path, languages: Sequence[str], vocab_size: int,
                         cache_dir: Path) -> tuple[TextPipeline, Path]:
     """The shared tokeniser (trained on these languages' training pairs) and the encoded store,
-    built once and cached under a key of the data file's size and time, the languages and the
-    vocabulary size. Built in a private folder and renamed into place, so processes racing to
-    build it never see a half-written one.
+    built once and cached under a key of the data file's content (so a copy elsewhere, on
+    another machine, finds it too), the languages and the vocabulary size. Built in a private
+    folder and renamed into place, so processes racing to build it never see a half-written one.
 
     Raises:
         DataError: the data cannot be read (see ``read_pairs``).
@@ -188,8 +188,9 @@ def prepare_translation(path: str | Path, languages: Sequence[str], vocab_size: 
     path = Path(path).absolute()
     if not path.is_file():
         read_pairs(path)  # the clear error
-    stat = path.stat()
-    key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{sorted(languages)}|{vocab_size}".encode())
+    with path.open("rb") as handle:
+        content = hashlib.file_digest(handle, "sha256").hexdigest()
+    key = hashlib.sha1(f"{content}|{sorted(languages)}|{vocab_size}".encode())
     folder = cache_dir / "translation" / key.hexdigest()[:16]
     if not (folder / "pairs.arrow").exists():
         pairs = read_pairs(path, languages)

@@ -444,9 +444,10 @@ class RaySession:
             or nothing answers at a ``host:port`` address.
     """
 
-    def __init__(self, address: str | None, log_to_driver: bool = False, dashboard: bool = False) -> None:
+    def __init__(self, address: str | None, log_to_driver: bool = False, dashboard: bool | None = False) -> None:
         """``log_to_driver``: show the actors' and tasks' output here (progress of Ray Train
-        workers); ``dashboard``: start the dashboard, whose state API Ray Train polls."""
+        workers); ``dashboard``: start the dashboard, whose state API Ray Train polls (None:
+        where its packages are installed)."""
         self.address = address or os.environ.get("RAY_ADDRESS")
         self.started, self.log_to_driver, self.dashboard = False, log_to_driver, dashboard
 
