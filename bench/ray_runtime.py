@@ -1,6 +1,6 @@
 """Ray parameter-server runtime: overhead, scaling, parameter-server cost, sync vs async.
 
-All cases run on one embedded local Ray started here (``ray.init(num_cpus=2)``) and shut
+All cases run on one embedded local Ray started here (all the machine's CPUs) and shut
 down at the end. The Omniglot job is jobs/omniglot_5w1s.yaml (5-way 1-shot, second-order
 MAML, conv4, meta-batch 32, Q = 15) on the per-task loop path, 1 torch thread per process.
 
@@ -19,6 +19,9 @@ MAML, conv4, meta-batch 32, Q = 15) on the per-task loop path, 1 torch thread pe
    ``--gap-ms`` in place of the compute (not counted), since real steps are spaced by compute.
 4. sync vs async (staleness 2) on 2 workers for the same wall-clock budget: tasks/s and
    meta-test accuracy (one seed).
+5-6. (device machine) 1/4/8 CPU workers; one GPU as 1 × 1, 2 × 0.5 or 4 × 0.25 GPU workers.
+7. Translation: target tokens/s of first-order MAML (jobs/translation_meta.yaml) in-process
+   and on 1 and 2 workers.
 
     DISTMETA_OMNIGLOT=../shared/data/omniglot python bench/ray_runtime.py [--quick] [--json bench/results/ray_runtime.json]
 """
@@ -310,6 +313,39 @@ def gpu_sharing(steps: int, meta_batches: tuple[int, ...]) -> list[dict[str, Any
     return worker_scaling(configs, steps)
 
 
+TRANSLATION_JOB = ROOT / "jobs" / "translation_meta.yaml"
+
+
+def translation_throughput(steps: int) -> list[dict[str, Any]]:
+    """Case 7: target tokens per second of first-order MAML on translation tasks
+    (jobs/translation_meta.yaml) in-process and on 1 and 2 workers of 1 CPU, 1 thread each.
+    Tokens are the real (unpadded) target tokens of every task's support and query sets."""
+    rows = []
+    for workers in (0, 1, 2):
+        job = load_job(TRANSLATION_JOB, [f"runtime.workers={workers}", "runtime.threads=1", "runtime.worker_cpus=1",
+                                         "train.steps=1000000", "train.val_every=0", "runtime.path=loop"])
+        sampler = build_sampler(job)
+        with contextlib.ExitStack() as stack:
+            if workers == 0:
+                out = stack.enter_context(tempfile.TemporaryDirectory())
+                runtime = LocalRuntime(job, Location(out), None, torch.device("cpu"))
+            else:
+                runtime = stack.enter_context(ray_runtime(job))
+            timed_steps(runtime, 2)
+            first = runtime.version
+            seconds = timed_steps(runtime, steps)
+        tokens = []
+        for step in range(first, first + steps):
+            batch = sampler.sample("train", step, 0, job.train.meta_batch)
+            tokens.append(int(sum(((tgt[..., 1:] != 0).sum() for _, tgt in (batch.support, batch.query)))))
+        rates = [n / s for n, s in zip(tokens, seconds)]
+        row = {"workers": workers, "meta_batch": job.train.meta_batch, "steps": steps, "step_s": seconds,
+               "tokens_per_step": tokens, "tokens_per_s": statistics.median(rates)}
+        rows.append(row)
+        print(f"  {workers} workers: {row['tokens_per_s']:.0f} target tokens/s", flush=True)
+    return rows
+
+
 def print_tables(results: dict[str, Any]) -> None:
     if "throughput" in results:
         print_throughput(results["throughput"])
@@ -320,6 +356,13 @@ def print_tables(results: dict[str, Any]) -> None:
     for case in ("cpu_scaling", "gpu_sharing"):
         if case in results:
             print_scaling(case, results[case])
+    if "translation" in results:
+        rows = results["translation"]
+        print(f"\ntranslation, first-order MAML (jobs/translation_meta.yaml), median of {rows[0]['steps']} steps")
+        print(f"{'workers':>7} {'s/step':>7} {'tokens/s':>9} {'vs in-process':>13}")
+        for row in rows:
+            print(f"{row['workers']:>7} {statistics.median(row['step_s']):>7.2f} {row['tokens_per_s']:>9.0f} "
+                  f"{row['tokens_per_s'] / rows[0]['tokens_per_s']:>12.2f}×")
 
 
 def print_scaling(case: str, rows: list[dict[str, Any]]) -> None:
@@ -384,10 +427,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="seconds of training per mode in case 4 (default 60; quick 15)")
     parser.add_argument("--test-tasks", type=int, help="meta-test tasks in case 4 (default 200; quick 20)")
     parser.add_argument("--cases", default="1234", help="which cases to run, e.g. 3 (cases 1 and 2 run together); "
-                        "5 (1/4/8 CPU workers) and 6 (GPU shares) are for a machine of 16 cores and a GPU")
+                        "5 (1/4/8 CPU workers) and 6 (GPU shares) are for a machine of 16 cores and a GPU; "
+                        "7: translation tokens/s on 0-2 workers (needs $DISTMETA_TRANSLATION)")
     parser.add_argument("--contributions", default="fp32,bf16", help="slice dtypes on the wire in case 3")
     parser.add_argument("--sizes", help=f"model sizes of case 3, comma-separated, of {', '.join(PS_SIZES)}")
-    parser.add_argument("--scaling-steps", type=int, default=8, help="timed steps per configuration in cases 5-6")
+    parser.add_argument("--scaling-steps", type=int, default=8, help="timed steps per configuration in cases 5-7")
     parser.add_argument("--gap-ms", type=float, default=100.0,
                         help="case 3 runs back to back, and again with the fake workers waiting this long in place of "
                              "the compute (not counted), as real steps are spaced")
@@ -421,6 +465,9 @@ def main() -> None:
         if "5" in args.cases:
             print("case 5: CPU worker scaling", flush=True)
             results["cpu_scaling"] = cpu_scaling(args.scaling_steps)
+        if "7" in args.cases:
+            print("case 7: translation tokens/s", flush=True)
+            results["translation"] = translation_throughput(args.scaling_steps)
         if "6" in args.cases:
             print("case 6: fractional GPU workers", flush=True)
             results["gpu"] = torch.cuda.get_device_name()

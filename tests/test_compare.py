@@ -173,3 +173,7 @@ def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp
     assert "meta-training already finished" in caplog.text and "pre-training already finished" in caplog.text
     assert "12 fine-tuning runs, 11 already done" in caplog.text
     assert all(files[r].stat().st_mtime_ns == stamps[r] for r in files if r != redo) and files[redo].exists()
+
+    changed = write_compare(tmp_path, finetune={**yaml.safe_load(SMOKE.read_text())["finetune"], "lr": 0.002})
+    with pytest.raises(FileNotFoundError, match="made under other finetune/decode settings"):
+        compare(changed, folder, stage="report")  # results of the old settings are never reported as the new

@@ -152,6 +152,16 @@ def result_file(folder: Path, target: str, init: str, budget: int | None, seed: 
     return folder / "finetune" / target / init / f"{budget_name(budget)}_seed{seed}.json"
 
 
+def run_settings(spec: CompareConfig) -> dict[str, Any]:
+    """What a fine-tuning result depends on besides its run key and the initialisations
+    (which the recorded meta job guards): a result made under other settings is redone."""
+    return {"finetune": asdict(spec.finetune), "decode": asdict(spec.decode)}
+
+
+def is_current(path: Path, settings: dict[str, Any]) -> bool:
+    return path.exists() and json.loads(path.read_text()).get("settings") == settings
+
+
 def runs(spec: CompareConfig) -> list[tuple[str, str, int | None, int]]:
     """Every (target, init, budget, seed) fine-tuning run; budget 0 (no training) once, seed-free."""
     return [(target, init, budget, seed) for target in spec.targets for budget in spec.budget_tokens()
@@ -163,7 +173,7 @@ def stage_finetune(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
 
     inits = {name: ray.put(initialisation(name, job, folder)) for name in INITS}
     remote = ray.remote(num_cpus=spec.finetune.cpus, num_gpus=spec.finetune.gpus, max_retries=2)(finetune_run)
-    todo = [r for r in runs(spec) if not result_file(folder, *r).exists()]
+    todo = [r for r in runs(spec) if not is_current(result_file(folder, *r), run_settings(spec))]
     log.info("compare: %d fine-tuning runs, %d already done", len(runs(spec)), len(runs(spec)) - len(todo))
     pending = {remote.remote(asdict(spec), job_to_dict(job), inits[init], target, init, budget, seed,
                              str(result_file(folder, target, init, budget, seed))): (target, init, budget, seed)
@@ -197,7 +207,7 @@ def finetune_run(spec_dict: dict, job_dict: dict, phi: dict[str, torch.Tensor], 
     test_rows = tasks.rows(target, "test")[:spec.decode.test_pairs]
     began = time.perf_counter()
     tuned = finetune(model, phi, tasks, train_rows, dev_rows, spec.finetune, seed, device)
-    summary = {"target": target, "init": init, "budget": budget_name(budget), "seed": seed,
+    summary = {"target": target, "init": init, "budget": budget_name(budget), "seed": seed, "settings": run_settings(spec),
                "train_pairs": len(train_rows), "train_tokens": tasks.target_tokens(train_rows),
                "steps": tuned.steps, "best_step": tuned.best_step, "dev_loss": tuned.dev_loss,
                "start_dev_loss": tuned.start_dev_loss, "curve": tuned.curve,
@@ -222,10 +232,10 @@ def references(job: JobConfig, target: str, split: str, count: int) -> tuple[lis
 def stage_report(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
     from distmeta.compare.report import write_report
 
-    missing = [r for r in runs(spec) if not result_file(folder, *r).exists()]
+    missing = [r for r in runs(spec) if not is_current(result_file(folder, *r), run_settings(spec))]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} fine-tuning result(s) missing (e.g. {result_file(folder, *missing[0])}); "
-                                "run --stage finetune first")
+        raise FileNotFoundError(f"{len(missing)} fine-tuning result(s) missing or made under other finetune/decode "
+                                f"settings (e.g. {result_file(folder, *missing[0])}); run --stage finetune first")
     results = {r: json.loads(result_file(folder, *r).read_text()) for r in runs(spec)}
     refs = {(target, split): references(job, target, split, count)[1] for target in spec.targets
             for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs))}
