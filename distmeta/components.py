@@ -11,7 +11,7 @@ from distmeta.data.omniglot import DataError, default_cache_dir, load_omniglot
 from distmeta.data.omniglot_tasks import OmniglotTasks
 from distmeta.data.sampling import TaskSampler
 from distmeta.data.sinusoid import SinusoidTasks
-from distmeta.data.translation import TranslationTasks, open_store, prepare_translation
+from distmeta.data.translation import ParallelText, TranslationTasks, open_store, prepare_translation
 from distmeta.models import TaskModel, make_conv4, make_mlp
 from distmeta.models.transformer import TransformerSize, make_transformer
 from distmeta.optim import Optimizer, build_optimizer
@@ -62,15 +62,27 @@ def build_sampler(job: JobConfig) -> TaskSampler:
     if t.dataset == "sinusoid":
         return SinusoidTasks(shots=t.shots, queries=t.queries, seed=job.seed)
     if t.dataset == "translation":
-        source = job.data.translation or os.environ.get("DISTMETA_TRANSLATION")
-        if not source:
-            raise DataError("no translation data: set data.translation or $DISTMETA_TRANSLATION to a Parquet file")
         cache = Path(job.data.cache) if job.data.cache else default_cache_dir()
-        _, store = prepare_translation(source, t.vocab_languages or t.languages, t.vocab, cache)
+        _, store = prepare_translation(translation_source(job), t.vocab_languages or t.languages, t.vocab, cache)
         return TranslationTasks(open_store(store), t.languages, t.support_tokens, t.query_tokens, t.max_len, job.seed)
     data = load_omniglot(job.data.omniglot, job.data.cache)
     return OmniglotTasks(data, ways=t.ways, shots=t.shots, queries=t.queries, protocol=t.protocol,
                          rotations=tuple(t.rotations), val_characters=t.val_characters, seed=job.seed)
+
+
+def translation_source(job: JobConfig) -> str | list[ParallelText]:
+    """The job's translation data: its plain-text files, its Parquet file, else $DISTMETA_TRANSLATION.
+
+    Raises:
+        DataError: none of them is set.
+    """
+    if job.data.parallel_text:
+        return [ParallelText(**entry) for entry in job.data.parallel_text]
+    source = job.data.translation or os.environ.get("DISTMETA_TRANSLATION")
+    if not source:
+        raise DataError("no translation data: set data.translation (a Parquet file), data.parallel_text or "
+                        "$DISTMETA_TRANSLATION")
+    return source
 
 
 def with_queries(sampler: TaskSampler, queries: int) -> TaskSampler:

@@ -139,10 +139,14 @@ class RuntimeConfig:
     storage: str | None = None  # folder or pyarrow.fs URI (s3://, gs://) for runs (None: runs/); --out overrides
 
 
+PARALLEL_TEXT_KEYS = ("src", "tgt", "src_lang", "split", "tgt_lang")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     omniglot: str | None = None  # the two zips or their folders; else $DISTMETA_OMNIGLOT, else download
     translation: str | None = None  # Parquet of X→English pairs; else $DISTMETA_TRANSLATION
+    parallel_text: list[dict] = field(default_factory=list)  # or line-aligned files: [{src, tgt, src_lang, split, tgt_lang?}]
     cache: str | None = None  # preprocessed arrays; else $DISTMETA_CACHE, else ~/.cache/distmeta
 
 
@@ -283,6 +287,13 @@ def _check_values(job: JobConfig) -> list[str]:
             (min(t.support_tokens, t.query_tokens, t.max_len) >= 1, "task.support_tokens",
              "task.support_tokens, task.query_tokens and task.max_len must be >= 1"),
             (t.vocab > 260, "task.vocab", "must exceed 260 (4 special ids and 256 byte pieces)"),
+            (not (job.data.translation and job.data.parallel_text), "data.parallel_text",
+             "name either data.translation (Parquet) or data.parallel_text, not both"),
+            (all(isinstance(f, dict) and {"src", "tgt", "src_lang", "split"} <= set(f) <= set(PARALLEL_TEXT_KEYS)
+                 and f["split"] in ("train", "dev", "test") and all(isinstance(v, str) for v in f.values())
+                 for f in job.data.parallel_text), "data.parallel_text",
+             f"each entry needs src, tgt (file paths), src_lang and split (train, dev or test), optionally tgt_lang; "
+             f"allowed keys: {', '.join(PARALLEL_TEXT_KEYS)}"),
             (m.dim >= 1 and m.heads >= 1 and m.dim % m.heads == 0, "model.heads", "must divide model.dim"),
             (min(m.ffn, m.layers) >= 1, "model.layers", "model.ffn and model.layers must be >= 1"),
         ]

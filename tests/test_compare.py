@@ -177,3 +177,10 @@ def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp
     changed = write_compare(tmp_path, finetune={**yaml.safe_load(SMOKE.read_text())["finetune"], "lr": 0.002})
     with pytest.raises(FileNotFoundError, match="made under other finetune/decode settings"):
         compare(changed, folder, stage="report")  # results of the old settings are never reported as the new
+
+
+@needs_data
+def test_a_run_folder_of_another_meta_training_job_is_refused(tmp_path):
+    (tmp_path / "compare.json").write_text(json.dumps({"meta_job": {"name": "something else"}}))
+    with pytest.raises(ValueError, match="another meta-training job; use another --out"):
+        compare(SMOKE, tmp_path, stage="report")

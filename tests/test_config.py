@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from distmeta.cli import main
+from distmeta.compare.config import is_compare_file, load_compare
 from distmeta.config import ConfigError, job_from_dict, load_job
 from distmeta.sweep import is_sweep_file, load_sweep
 
@@ -13,8 +14,8 @@ JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
-def test_every_shipped_job_and_sweep_file_validates(path):
-    spec = load_sweep(path)[0] if is_sweep_file(path) else load_job(path)
+def test_every_shipped_job_sweep_and_comparison_file_validates(path):
+    spec = load_sweep(path)[0] if is_sweep_file(path) else load_compare(path)[0] if is_compare_file(path) else load_job(path)
     assert spec.name == path.stem
     assert path.read_text().startswith("#"), "job files open with a comment giving the launch command"
 

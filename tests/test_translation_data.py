@@ -2,6 +2,7 @@
 the memory-mapped store and the counter-based language tasks."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -9,11 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from distmeta.components import build_sampler, translation_source
+from distmeta.config import ConfigError, load_job
 from distmeta.data.omniglot import DataError
 from distmeta.data.translation import (
     BOS,
     EOS,
     PAD,
+    ParallelText,
     TextPipeline,
     TranslationTasks,
     detokenize,
@@ -22,9 +26,12 @@ from distmeta.data.translation import (
     pretokenize,
     read_pairs,
     read_parallel_text,
+    read_source,
+    source_digest,
 )
 
 TATOEBA = Path(__file__).resolve().parents[2] / "shared" / "data" / "translation" / "tatoeba_x2en.parquet"
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
 LANGS = ("deu", "fra", "ron")
 
 pytestmark = pytest.mark.skipif(not TATOEBA.is_file(), reason=f"real translation data not found at {TATOEBA}")
@@ -135,3 +142,42 @@ def test_validation_tasks_come_from_dev_pairs(tasks, pairs, pipeline):
     for sentence in src.reshape(-1, src.shape[-1]):
         if (sentence != PAD).any():
             assert tuple(sentence[sentence != PAD].tolist()) in dev_sources
+
+
+def test_plain_text_files_named_in_the_job_give_the_same_pairs_and_tasks_as_the_parquet(tmp_path):
+    entries = []
+    for lang in ("ron", "lav"):
+        for split in ("train", "dev", "test"):
+            part = read_pairs(TATOEBA, [lang], [split]).slice(0, 200)
+            for side in ("src", "tgt"):
+                (tmp_path / f"{split}.{lang}.{side}").write_text("\n".join(part.column(side).to_pylist()) + "\n")
+            entries.append({"src": str(tmp_path / f"{split}.{lang}.src"), "tgt": str(tmp_path / f"{split}.{lang}.tgt"),
+                            "src_lang": lang, "split": split})
+    job = load_job(JOBS / "translation_fomaml_smoke.yaml", [
+        "task.languages=[ron, lav]", "task.vocab=400", f"data.parallel_text={json.dumps(entries)}",
+        f"data.cache={json.dumps(str(tmp_path / 'cache'))}"])
+    source = translation_source(job)
+    assert read_source(source, ["lav"], ["dev"]).column("tgt").to_pylist() == \
+        read_pairs(TATOEBA, ["lav"], ["dev"]).slice(0, 200).column("tgt").to_pylist()
+    tasks = build_sampler(job)  # tokeniser and store from the text files
+    batch = tasks.sample("train", 0, 0, 2)
+    assert batch.support[0].shape[0] == 2 and (batch.query[1] == BOS).any()
+    before = source_digest(source)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for entry in entries:  # the same files elsewhere: the same key, so the same cache
+        for side in ("src", "tgt"):
+            entry[side] = str(Path(entry[side]).rename(moved / Path(entry[side]).name))
+    assert source_digest([ParallelText(**e) for e in entries]) == before
+    relabelled = [ParallelText(**{**e, "src_lang": "est"}) if e["src_lang"] == "lav" else ParallelText(**e) for e in entries]
+    assert source_digest(relabelled) != before  # what a file holds is part of the key
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"src": "a", "tgt": "b", "src_lang": "ron"}, "each entry needs src, tgt"),
+    ({"src": "a", "tgt": "b", "src_lang": "ron", "split": "valid"}, "split \\(train, dev or test\\)"),
+    ({"src": "a", "tgt": "b", "src_lang": "ron", "split": "dev", "lang": "x"}, "allowed keys"),
+])
+def test_a_malformed_parallel_text_entry_names_the_key(entry, message):
+    with pytest.raises(ConfigError, match=f"data.parallel_text: .*{message}"):
+        load_job(JOBS / "translation_fomaml_smoke.yaml", [f"data.parallel_text={json.dumps([entry])}"])

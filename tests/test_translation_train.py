@@ -36,5 +36,5 @@ def test_fomaml_on_language_tasks_lowers_the_query_loss(translation_env, tmp_pat
 
 def test_translation_without_data_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("DISTMETA_TRANSLATION", raising=False)
-    with pytest.raises(DataError, match="set data.translation or \\$DISTMETA_TRANSLATION"):
+    with pytest.raises(DataError, match=r"set data.translation \(a Parquet file\), data.parallel_text or \$DISTMETA_TRANSLATION"):
         train(load_job(JOB), tmp_path / "run")

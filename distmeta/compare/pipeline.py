@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,10 +27,10 @@ import torch
 
 from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.compare.config import INITS, CompareConfig, budget_name, load_compare, pretrain_job
-from distmeta.components import build_model, transformer_size
+from distmeta.components import build_model, transformer_size, translation_source
 from distmeta.config import JobConfig, job_from_dict, job_to_dict
-from distmeta.data.omniglot import DataError, default_cache_dir
-from distmeta.data.translation import TranslationTasks, open_store, prepare_translation, read_pairs
+from distmeta.data.omniglot import default_cache_dir
+from distmeta.data.translation import TranslationTasks, open_store, prepare_translation, read_source
 
 log = logging.getLogger("distmeta.compare")
 STAGES = ("prepare", "meta", "pretrain", "finetune", "report")
@@ -66,32 +65,31 @@ def compare(path: str | Path, out: str | Path | None = None, stage: str = "all",
 
 
 def _resolved_data(job: JobConfig) -> JobConfig:
-    """The job with its data file and cache folder as absolute paths, so that Ray workers
+    """The job with its data files and cache folder as absolute paths, so that Ray workers
     read the same files wherever their environment points."""
-    source = job.data.translation or os.environ.get("DISTMETA_TRANSLATION")
-    if not source:
-        raise DataError("no translation data: set data.translation in the meta job or $DISTMETA_TRANSLATION")
-    cache = Path(job.data.cache) if job.data.cache else default_cache_dir()
-    return replace(job, data=replace(job.data, translation=str(Path(source).absolute()), cache=str(cache.absolute())))
+    source = translation_source(job)
+    cache = str((Path(job.data.cache) if job.data.cache else default_cache_dir()).absolute())
+    if isinstance(source, str):
+        return replace(job, data=replace(job.data, translation=str(Path(source).absolute()), cache=cache))
+    files = [{**entry, "src": str(Path(entry["src"]).absolute()), "tgt": str(Path(entry["tgt"]).absolute())}
+             for entry in job.data.parallel_text]
+    return replace(job, data=replace(job.data, parallel_text=files, cache=cache))
 
 
 def _record_config(folder: Path, spec: CompareConfig, job: JobConfig) -> None:
-    """Write compare.json, or check that the one there matches (results are never mixed)."""
+    """Write compare.json, after checking that a comparison already there had the same
+    meta-training job (the initialisations); fine-tuning results carry their own settings."""
     record = {"compare": asdict(spec), "meta_job": job_to_dict(job)}
     recorded = folder / "compare.json"
-    if recorded.exists():
-        before = json.loads(recorded.read_text())
-        for part in ("meta_job",):
-            if before.get(part) != record[part]:
-                raise ValueError(f"{folder} holds a comparison with another {part.replace('_', ' ')}; "
-                                 "use another --out for this one")
+    if recorded.exists() and json.loads(recorded.read_text()).get("meta_job") != record["meta_job"]:
+        raise ValueError(f"{folder} holds a comparison with another meta-training job; use another --out for this one")
     recorded.write_text(json.dumps(record, indent=2))
 
 
 def _data(job: JobConfig, languages: list[str]) -> tuple[Any, TranslationTasks]:
     """The shared tokeniser and tasks over ``languages`` (from the cached store)."""
     t = job.task
-    pipeline, store = prepare_translation(job.data.translation, t.vocab_languages, t.vocab, Path(job.data.cache))
+    pipeline, store = prepare_translation(translation_source(job), t.vocab_languages, t.vocab, Path(job.data.cache))
     return pipeline, TranslationTasks(open_store(store), languages, t.support_tokens, t.query_tokens, t.max_len, job.seed)
 
 
@@ -225,7 +223,7 @@ def finetune_run(spec_dict: dict, job_dict: dict, phi: dict[str, torch.Tensor], 
 def references(job: JobConfig, target: str, split: str, count: int) -> tuple[list[str], list[str]]:
     """The first ``count`` (source, English) pairs of ``target``'s split, raw, in file order:
     the same pairs, in the same order, that fine-tuning decoded."""
-    table = read_pairs(job.data.translation, [target], [split])
+    table = read_source(translation_source(job), [target], [split])
     return table.column("src").to_pylist()[:count], table.column("tgt").to_pylist()[:count]
 
 

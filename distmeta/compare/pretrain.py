@@ -33,6 +33,7 @@ STATE_FILE = "state.pt"
 def pretrain_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker's loop (``train_loop_per_worker``)."""
     import ray.train
+    import ray.train.torch
     import torch.distributed as dist
 
     context = ray.train.get_context()

@@ -86,6 +86,55 @@ def read_parallel_text(src_path: str | Path, tgt_path: str | Path, src_lang: str
                      "src": lines[0], "tgt": lines[1]})
 
 
+@dataclass(frozen=True)
+class ParallelText:
+    """Two line-aligned plain-text files: ``src_lang`` sentences and their ``tgt_lang``
+    translations, all of one split."""
+
+    src: str
+    tgt: str
+    src_lang: str
+    split: str
+    tgt_lang: str = "eng"
+
+
+def read_source(source: str | Path | Sequence[ParallelText], languages: Sequence[str] | None = None,
+                splits: Sequence[str] | None = None) -> pa.Table:
+    """The pairs of a Parquet file (``read_pairs``) or of plain-text files, in file order,
+    optionally only some source languages and splits.
+
+    Raises:
+        DataError: unreadable data, or no pairs for a language asked for.
+    """
+    if isinstance(source, (str, Path)):
+        return read_pairs(source, languages, splits)
+    files = [f for f in source if (not languages or f.src_lang in languages) and (not splits or f.split in splits)]
+    absent = sorted(set(languages or ()) - {f.src_lang for f in files})
+    if absent:
+        raise DataError(f"the parallel text files have no pairs for language(s) {', '.join(absent)}")
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in REQUIRED_COLUMNS})
+    return pa.concat_tables([read_parallel_text(f.src, f.tgt, f.src_lang, f.split, f.tgt_lang) for f in files])
+
+
+def source_digest(source: str | Path | Sequence[ParallelText]) -> str:
+    """sha256 of the data's content (and, for plain text, of what each file holds), so caches
+    follow the data wherever it is copied.
+
+    Raises:
+        DataError: a file is missing.
+    """
+    digest = hashlib.sha256()
+    entries = [(Path(source), "")] if isinstance(source, (str, Path)) else \
+        [(Path(p), f"{f.src_lang}|{f.tgt_lang}|{f.split}|{side}") for f in source for side, p in (("src", f.src), ("tgt", f.tgt))]
+    for path, meaning in entries:
+        if not path.is_file():
+            raise DataError(f"no translation data at {path}")
+        with path.open("rb") as handle:
+            digest.update(f"{meaning}:{hashlib.file_digest(handle, 'sha256').hexdigest()};".encode())
+    return digest.hexdigest()
+
+
 @lru_cache(maxsize=None)
 def _moses(lang: str):
     from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
@@ -175,7 +224,7 @@ def encode_store(table: pa.Table, pipeline: TextPipeline, path: str | Path) -> P
     return path
 
 
-def prepare_translation(path: str | Path, languages: Sequence[str], vocab_size: int,
+def prepare_translation(source: str | Path | Sequence[ParallelText], languages: Sequence[str], vocab_size: int,
                         cache_dir: Path) -> tuple[TextPipeline, Path]:
     """The shared tokeniser (trained on these languages' training pairs) and the encoded store,
     built once and cached under a key of the data file's content (so a copy elsewhere, on
@@ -183,17 +232,14 @@ def prepare_translation(path: str | Path, languages: Sequence[str], vocab_size: 
     folder and renamed into place, so processes racing to build it never see a half-written one.
 
     Raises:
-        DataError: the data cannot be read (see ``read_pairs``).
+        DataError: the data cannot be read (see ``read_source``).
     """
-    path = Path(path).absolute()
-    if not path.is_file():
-        read_pairs(path)  # the clear error
-    with path.open("rb") as handle:
-        content = hashlib.file_digest(handle, "sha256").hexdigest()
-    key = hashlib.sha1(f"{content}|{sorted(languages)}|{vocab_size}".encode())
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        read_pairs(source)  # the clear error
+    key = hashlib.sha1(f"{source_digest(source)}|{sorted(languages)}|{vocab_size}".encode())
     folder = cache_dir / "translation" / key.hexdigest()[:16]
     if not (folder / "pairs.arrow").exists():
-        pairs = read_pairs(path, languages)
+        pairs = read_source(source, languages)
         folder.parent.mkdir(parents=True, exist_ok=True)
         private = Path(tempfile.mkdtemp(dir=folder.parent))
         train = pairs.filter(pc.equal(pairs.column("split"), "train"))
