@@ -17,7 +17,7 @@ import yaml
 from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
 from distmeta.compare.config import DecodeConfig, FinetuneConfig, PretrainConfig, load_compare, pretrain_job
-from distmeta.compare.finetune import finetune, token_batches, translate
+from distmeta.compare.finetune import finetune, finetune_on_dev, token_batches, translate
 from distmeta.compare.pipeline import compare, result_file, runs
 from distmeta.compare.pretrain import run_pretraining
 from distmeta.components import build_model, transformer_size
@@ -46,7 +46,8 @@ def write_compare(tmp_path: Path, **changes) -> Path:
     ({"targets": ["deu"]}, "targets: must not overlap sources"),
     ({"decode": {"beam": 0}}, "decode.beam: must be >= 1"),
     ({"pretrain": {"workers": 0}}, "pretrain.workers: must be >= 1"),
-    ({"finetune": {"lr": 0.0}}, "finetune.lr: must be finite and > 0"),
+    ({"finetune": {"lr": 0.0}}, "finetune.lr: must be a rate or a list of rates, each finite and > 0"),
+    ({"finetune": {"lr": [1e-3, -1.0]}}, "finetune.lr: must be a rate or a list of rates"),
     ({"fine_tune": {}}, "fine_tune: unknown key"),
     ({"meta_job": "nowhere.yaml"}, "meta_job: no job file"),
     ({"overrides": ["algorithm.name=pretrain"]}, "meta_job: algorithm.name is pretrain"),
@@ -119,6 +120,19 @@ def test_no_budget_means_no_training_and_early_stopping_keeps_the_best_phi(targe
     tuned = finetune(model, phi, tasks, tasks.budget_rows("ron", 3000, 0), dev, config, 0, torch.device("cpu"))
     assert tuned.dev_loss == min(loss for _, loss in tuned.curve)  # the Φ kept is the best one seen
     assert tuned.steps <= config.max_steps
+
+
+@needs_data
+def test_several_rates_keep_the_one_best_on_dev_and_a_diverging_one_is_only_ruled_out(target_tasks):
+    job, _, tasks = target_tasks
+    model = build_model(job)
+    phi = model.init(torch.Generator().manual_seed(0))
+    dev, train_rows = tasks.rows("ron", "val")[:30], tasks.budget_rows("ron", 2000, 0)
+    config = FinetuneConfig(lr=[1e-3, 1e-6, 1e12], batch_tokens=500, max_steps=20, eval_every=10, patience=2)
+    tuned, rate, losses = finetune_on_dev(model, phi, tasks, train_rows, dev, config, 0, torch.device("cpu"))
+    assert rate == 1e-3 and losses[1e12] > losses[1e-3] < losses[1e-6] and tuned.dev_loss == losses[1e-3]
+    untouched, rate, losses = finetune_on_dev(model, phi, tasks, train_rows[:0], dev, config, 0, torch.device("cpu"))
+    assert untouched.steps == 0 and list(losses) == [1e-3]  # no budget: nothing to choose between
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ class PretrainConfig:
 class FinetuneConfig:
     budgets: list[int | str] = field(default_factory=lambda: [0, 4000, 16000, 64000, "all"])  # target tokens
     seeds: list[int] = field(default_factory=lambda: [0])  # each picks the pairs of a budget and the batch order
-    lr: float = 3e-4
+    lr: float | list[float] = 3e-4  # Adam; several: each run keeps the rate whose best dev loss is lowest
     batch_tokens: int = 2000  # target tokens per update
     max_steps: int = 2000
     eval_every: int = 50  # steps between dev-loss checks
@@ -42,6 +42,9 @@ class FinetuneConfig:
     adapt: list[str] = field(default_factory=lambda: ["*"])  # parameters fine-tuned (fnmatch), e.g. [embed.*, encoder.*]
     cpus: float = 1.0  # per fine-tuning run (runs go in parallel as Ray tasks)
     gpus: float = 0.0
+
+    def rates(self) -> list[float]:
+        return [float(r) for r in self.lr] if isinstance(self.lr, list) else [float(self.lr)]
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ def load_compare(path: str | Path) -> tuple[CompareConfig, JobConfig]:
         (bool(f.budgets) and all(b == "all" or (isinstance(b, int) and b >= 0) for b in f.budgets), "finetune.budgets",
          "must be target-token counts >= 0 or 'all'"),
         (bool(f.seeds) and all(s >= 0 for s in f.seeds), "finetune.seeds", "must be seeds >= 0"),
-        (math.isfinite(f.lr) and f.lr > 0, "finetune.lr", "must be finite and > 0"),
+        (bool(f.rates()) and all(math.isfinite(r) and r > 0 for r in f.rates()), "finetune.lr",
+         "must be a rate or a list of rates, each finite and > 0"),
         (f.batch_tokens >= 1, "finetune.batch_tokens", "must be >= 1"),
         (f.max_steps >= 1, "finetune.max_steps", "must be >= 1"),
         (f.eval_every >= 1, "finetune.eval_every", "must be >= 1"),

@@ -8,7 +8,9 @@ target's dev pairs: the Φ of the best check is kept, and training stops after
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import replace
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -21,6 +23,8 @@ from distmeta.models.base import TaskModel
 from distmeta.models.transformer import TransformerSize, beam_search, greedy_decode
 from distmeta.optim import adam
 from distmeta.types import Params
+
+log = logging.getLogger("distmeta.compare")
 
 
 class Finetuned(NamedTuple):
@@ -72,7 +76,7 @@ def finetune(model: TaskModel, phi: Params, tasks: TranslationTasks, train_rows:
     if len(train_rows) == 0:
         return best
     names = adapted_names(phi, config.adapt)
-    optimizer = adam(config.lr)
+    optimizer = adam(config.rates()[0])
     state = optimizer.init({n: phi[n] for n in names})
     rng = np.random.default_rng([seed, 104729])
     batches: list[np.ndarray] = []
@@ -98,6 +102,32 @@ def finetune(model: TaskModel, phi: Params, tasks: TranslationTasks, train_rows:
                 if since_best >= config.patience:
                     break
     return best._replace(steps=step, curve=curve)
+
+
+def finetune_on_dev(model: TaskModel, phi: Params, tasks: TranslationTasks, train_rows: np.ndarray,
+                    dev_rows: np.ndarray, config: FinetuneConfig, seed: int,
+                    device: torch.device) -> tuple[Finetuned, float, dict[float, float]]:
+    """``finetune`` at each of ``config``'s learning rates, keeping the one whose best dev loss
+    is lowest (model selection on dev, never on test). Returns it, its rate and every rate's
+    dev loss (infinite where the rate made training diverge).
+
+    Raises:
+        FloatingPointError: training diverged at every rate.
+    """
+    tried, losses = {}, {}
+    for rate in config.rates() if len(train_rows) else config.rates()[:1]:
+        try:
+            tried[rate] = finetune(model, phi, tasks, train_rows, dev_rows, replace(config, lr=rate), seed, device)
+            losses[rate] = tried[rate].dev_loss
+        except FloatingPointError as error:
+            if len(config.rates()) == 1:
+                raise
+            log.warning("fine-tuning at rate %g diverged (%s); trying the other rates", rate, error)
+            losses[rate] = math.inf
+    if not tried:
+        raise FloatingPointError(f"fine-tuning diverged at every rate {config.rates()}; lower finetune.lr")
+    rate = min(tried, key=lambda r: tried[r].dev_loss)
+    return tried[rate], rate, losses
 
 
 @torch.no_grad()

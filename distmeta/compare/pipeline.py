@@ -192,7 +192,7 @@ def finetune_run(spec_dict: dict, job_dict: dict, phi: dict[str, torch.Tensor], 
                  budget: int | None, seed: int, out: str) -> dict[str, Any]:
     """One fine-tuning run and its translations, written to ``out`` (a Ray task)."""
     from distmeta.compare.config import build_compare
-    from distmeta.compare.finetune import finetune, translate
+    from distmeta.compare.finetune import finetune_on_dev, translate
     from distmeta.device import resolve_device
 
     spec, job = build_compare(spec_dict), job_from_dict(job_dict, "meta job")
@@ -204,8 +204,9 @@ def finetune_run(spec_dict: dict, job_dict: dict, phi: dict[str, torch.Tensor], 
     dev_rows = tasks.rows(target, "val")[:spec.decode.dev_pairs]
     test_rows = tasks.rows(target, "test")[:spec.decode.test_pairs]
     began = time.perf_counter()
-    tuned = finetune(model, phi, tasks, train_rows, dev_rows, spec.finetune, seed, device)
+    tuned, rate, dev_losses = finetune_on_dev(model, phi, tasks, train_rows, dev_rows, spec.finetune, seed, device)
     summary = {"target": target, "init": init, "budget": budget_name(budget), "seed": seed, "settings": run_settings(spec),
+               "lr": rate, "dev_loss_by_lr": {str(r): loss for r, loss in dev_losses.items()},
                "train_pairs": len(train_rows), "train_tokens": tasks.target_tokens(train_rows),
                "steps": tuned.steps, "best_step": tuned.best_step, "dev_loss": tuned.dev_loss,
                "start_dev_loss": tuned.start_dev_loss, "curve": tuned.curve,

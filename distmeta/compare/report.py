@@ -62,7 +62,7 @@ def write_report(spec: CompareConfig, job: JobConfig, folder: Path, results: dic
                 for init, run in runs.items():
                     row = {"target": target, "budget": budget_name(budget), "seed": seed, "init": init,
                            "train_pairs": run["train_pairs"], "train_tokens": run["train_tokens"], "steps": run["steps"],
-                           "best_step": run["best_step"], "dev_loss": run["dev_loss"],
+                           "best_step": run["best_step"], "lr": run["lr"], "dev_loss": run["dev_loss"],
                            "start_dev_loss": run["start_dev_loss"], **scores[init],
                            "dev_chrf": CHRF().corpus_score(run["dev_hypotheses"], [dev_refs]).score}
                     if starts is not None:
@@ -105,7 +105,8 @@ def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]]) ->
              f"Meta-training: {job.algorithm.name} on {len(spec.sources)} source languages ({', '.join(spec.sources)}), "
              f"{job.train.steps} updates of {job.train.meta_batch} tasks, support/query {t.support_tokens}/{t.query_tokens} "
              f"target tokens. Pre-training: the same updates, tasks and tokens, jointly (Ray Train). Transformer "
-             f"{m.dim}-d, {m.layers}+{m.layers} layers, {t.vocab} pieces. Fine-tuning: Adam lr {spec.finetune.lr}, "
+             f"{m.dim}-d, {m.layers}+{m.layers} layers, {t.vocab} pieces. Fine-tuning: Adam at "
+             f"{' or '.join(f'{r:g}' for r in spec.finetune.rates())} (chosen on dev loss per run), "
              f"batches of {spec.finetune.batch_tokens} target tokens, early stopping on dev loss. Test: the first "
              f"{spec.decode.test_pairs} test pairs, {'greedy' if spec.decode.beam == 1 else f'beam {spec.decode.beam}'} "
              f"decoding, sacrebleu on detokenised output; ± is the 95% CI, p the paired bootstrap "
@@ -120,11 +121,11 @@ def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]]) ->
         p_bleu, p_chrf = by["maml"]["bleu_p_vs_pretrain"], by["maml"]["chrf_p_vs_pretrain"]
         tokens = f"{budget} ({by['maml']['train_tokens']})" if budget != "0" else "0"
         lines.append(f"| {target} | {tokens} | {seed} | {' | '.join(cells)} | {p_bleu:.4f} | {' | '.join(chrf)} | {p_chrf:.4f} |")
-    lines += ["", "Dev chrF of the initialisation → after fine-tuning (steps to the best check):", "",
+    lines += ["", "Dev chrF of the initialisation → after fine-tuning (updates to the best check, Adam rate):", "",
               "| target | budget | seed | MAML | pre-train | random |", "|---|---|---|---|---|---|"]
     for target, budget, seed in dict.fromkeys((r["target"], r["budget"], r["seed"]) for r in rows):
         by = {i: keyed[target, budget, seed, i] for i in INITS}
-        cells = [f"{by[i].get('start_dev_chrf', float('nan')):.1f} → {by[i]['dev_chrf']:.1f} ({by[i]['best_step']})"
+        cells = [f"{by[i].get('start_dev_chrf', float('nan')):.1f} → {by[i]['dev_chrf']:.1f} ({by[i]['best_step']}, {by[i]['lr']:g})"
                  for i in ("maml", "pretrain", "random")]
         lines.append(f"| {target} | {budget} | {seed} | {' | '.join(cells)} |")
     lines += ["", "![test BLEU against fine-tuning budget](learning_curves.png)", ""]
