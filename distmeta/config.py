@@ -337,6 +337,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_config_file(path: str | Path) -> Any:
+    """The parsed YAML of a job, sweep or comparison file (an empty file is ``{}``).
+
+    Raises:
+        ConfigError: not valid YAML.
+        FileNotFoundError: no such file.
+    """
+    try:
+        return parse_yaml(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
+
+
+def spec_from_dict(cls: type, raw: Any, source: str) -> Any:
+    """An instance of the dataclass ``cls`` (a sweep or comparison) from parsed YAML.
+
+    Raises:
+        ConfigError: listing every unknown key and wrong type.
+    """
+    problems: list[str] = []
+    spec = build_config(cls, raw, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return spec
+
+
+def names_key(path: str | Path, key: str) -> bool:
+    """Whether a config file is a mapping with top-level ``key`` (what tells sweep and
+    comparison files from job files); False for a file that does not read as YAML."""
+    try:
+        raw = parse_yaml(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and key in raw
+
+
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Read, override and validate a job file.
 
@@ -344,12 +380,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
         ConfigError: unreadable YAML or any invalid value (all listed at once).
         FileNotFoundError: no such file.
     """
-    text = Path(path).read_text()
-    try:
-        raw = parse_yaml(text) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
-    return job_from_dict(apply_overrides(raw, list(overrides)), str(path))
+    return job_from_dict(apply_overrides(read_config_file(path), list(overrides)), str(path))
 
 
 def load_run_job(run_dir: str | Path | Location) -> JobConfig:

@@ -27,11 +27,12 @@ from distmeta.config import (
     ConfigError,
     JobConfig,
     apply_overrides,
-    build_config,
     choice,
     job_from_dict,
     job_to_dict,
-    parse_yaml,
+    names_key,
+    read_config_file,
+    spec_from_dict,
 )
 from distmeta.storage import Location
 
@@ -75,11 +76,7 @@ class SweepConfig:
 
 def is_sweep_file(path: str | Path) -> bool:
     """A sweep file names a search ``space``; a job file never does."""
-    try:
-        raw = parse_yaml(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and "space" in raw
+    return names_key(path, "space")
 
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, dict]:
@@ -94,19 +91,12 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict]:
         FileNotFoundError: no sweep file.
     """
     path = Path(path)
-    try:
-        raw = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
-    problems: list[str] = []
-    spec = build_config(SweepConfig, raw, "", problems)
-    if problems:
-        raise ConfigError(problems, str(path))
+    spec = spec_from_dict(SweepConfig, read_config_file(path), str(path))
     base_path = path.parent / spec.base
     if not spec.base or not base_path.is_file():
         raise ConfigError([f"base: no job file {str(base_path)!r}; name the swept job relative to the sweep file"],
                           str(path))
-    base = apply_overrides(parse_yaml(base_path.read_text()) or {}, [*spec.overrides, *_budget_overrides(spec)])
+    base = apply_overrides(read_config_file(base_path), [*spec.overrides, *_budget_overrides(spec)])
     problems = _check_space(spec, base)
     b, sc = spec.budget, spec.scheduler
     rules = [(b.samples >= 1, "budget.samples", "must be >= 1"),

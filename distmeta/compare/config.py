@@ -7,16 +7,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distmeta.config import (
     HIGH_RESOURCE,
     ConfigError,
     JobConfig,
     apply_overrides,
-    build_config,
     job_from_dict,
-    parse_yaml,
+    names_key,
+    read_config_file,
+    spec_from_dict,
 )
 
 LOW_RESOURCE = ("ron", "lav", "fin", "tur", "kor")  # Gu et al.'s Ro, Lv, Fi, Tr, Ko
@@ -77,20 +76,12 @@ class CompareConfig:
 
 def is_compare_file(path: str | Path) -> bool:
     """A comparison file names a ``meta_job``; job and sweep files never do."""
-    try:
-        raw = parse_yaml(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and "meta_job" in raw
+    return names_key(path, "meta_job")
 
 
 def build_compare(raw: dict[str, Any]) -> CompareConfig:
     """A CompareConfig from its ``dataclasses.asdict`` form (as it travels to Ray tasks)."""
-    problems: list[str] = []
-    spec = build_config(CompareConfig, raw, "", problems)
-    if problems:
-        raise ConfigError(problems, "comparison")
-    return spec
+    return spec_from_dict(CompareConfig, raw, "comparison")
 
 
 def budget_name(tokens: int | None) -> str:
@@ -106,14 +97,7 @@ def load_compare(path: str | Path) -> tuple[CompareConfig, JobConfig]:
         FileNotFoundError: no such file.
     """
     path = Path(path)
-    try:
-        raw = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
-    problems: list[str] = []
-    spec = build_config(CompareConfig, raw, "", problems)
-    if problems:
-        raise ConfigError(problems, str(path))
+    spec = spec_from_dict(CompareConfig, read_config_file(path), str(path))
     job_path = path.parent / spec.meta_job
     if not spec.meta_job or not job_path.is_file():
         raise ConfigError([f"meta_job: no job file {str(job_path)!r}; name it relative to this file"], str(path))
@@ -146,7 +130,7 @@ def load_compare(path: str | Path) -> tuple[CompareConfig, JobConfig]:
     problems = [f"{key}: {message}" for ok, key, message in rules if not ok]
     if problems:
         raise ConfigError(problems, str(path))
-    job = meta_job(spec, parse_yaml(job_path.read_text()) or {}, f"{path}: meta_job")
+    job = meta_job(spec, read_config_file(job_path), f"{path}: meta_job")
     if job.task.dataset != "translation":
         raise ConfigError([f"meta_job: {spec.meta_job} has task.dataset {job.task.dataset!r}; it must be translation"],
                           str(path))

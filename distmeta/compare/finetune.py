@@ -41,7 +41,7 @@ def token_batches(tasks: TranslationTasks, rows: np.ndarray, batch_tokens: int) 
     pair at least)."""
     batches, current, used = [], [], 0
     for row in rows:
-        cost = tasks.target_tokens(np.array([row]))
+        cost = tasks.target_cost(row)
         if current and used + cost > batch_tokens:
             batches.append(np.array(current))
             current, used = [], 0

@@ -300,7 +300,7 @@ class TranslationTasks:
         """The leading rows whose target tokens (with bos/eos) fit ``budget`` (at least one)."""
         taken, used = [], 0
         for position, row in enumerate(rows):
-            cost = min(len(self.tgt.row(row)), self.max_len) + 2
+            cost = self.target_cost(row)
             if taken and used + cost > budget:
                 return taken, rows[position:]
             taken.append(int(row))
@@ -319,12 +319,16 @@ class TranslationTasks:
         order = np.random.default_rng([seed, 7919]).permutation(self.by_language[lang, "train"])
         if tokens is None:
             return order
-        costs = np.array([min(len(self.tgt.row(r)), self.max_len) + 2 for r in order])
+        costs = np.array([self.target_cost(r) for r in order])
         return order[:max(1, int(np.searchsorted(np.cumsum(costs), tokens, side="right")))]
 
     def target_tokens(self, rows: np.ndarray) -> int:
         """Target tokens of ``rows`` as the model sees them (cut to max_len, with bos/eos)."""
-        return int(sum(min(len(self.tgt.row(r)), self.max_len) + 2 for r in rows))
+        return int(sum(self.target_cost(r) for r in rows))
+
+    def target_cost(self, row: int) -> int:
+        """Target tokens of one pair as the model sees it: cut to max_len, with bos and eos."""
+        return min(len(self.tgt.row(row)), self.max_len) + 2
 
     def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The pairs ``rows`` as one padded batch: source ids (B, S), target ids (B, L)."""
