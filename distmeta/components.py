@@ -14,7 +14,7 @@ from distmeta.data.sinusoid import SinusoidTasks
 from distmeta.data.translation import ParallelText, TranslationTasks, open_store, prepare_translation
 from distmeta.models import TaskModel, make_conv4, make_mlp
 from distmeta.models.transformer import TransformerSize, make_transformer
-from distmeta.optim import Optimizer, build_optimizer
+from distmeta.optim import Optimizer, build_optimizer, schedule
 
 
 def build_model(job: JobConfig) -> TaskModel:
@@ -48,7 +48,8 @@ def build_job_algorithm(job: JobConfig) -> Algorithm:
 
 
 def build_job_optimizer(job: JobConfig) -> Optimizer:
-    return build_optimizer(job.optimizer.name, job.optimizer.lr)
+    o = job.optimizer
+    return build_optimizer(o.name, schedule(o.schedule, o.lr, o.schedule_steps or job.train.steps))
 
 
 def build_sampler(job: JobConfig) -> TaskSampler:

@@ -95,6 +95,8 @@ class AlgorithmConfig:
 class OptimizerConfig:
     name: str = choice("adam", "sgd", default="adam")  # Reptile's ε is sgd's lr
     lr: float = 1e-3
+    schedule: str = choice("constant", "linear", "cosine", default="constant")  # lr decayed to 0 over schedule_steps
+    schedule_steps: int | None = None  # updates the decay takes (None: train.steps)
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,8 @@ def _check_values(job: JobConfig) -> list[str]:
         (a.inner_steps >= (0 if a.name == "pretrain" else 1), "algorithm.inner_steps", "must be >= 1"),
         (bool(a.adapt), "algorithm.adapt", "must name at least one pattern"),
         (math.isfinite(job.optimizer.lr) and job.optimizer.lr > 0, "optimizer.lr", "must be finite and > 0"),
+        (job.optimizer.schedule_steps is None or job.optimizer.schedule_steps >= 1, "optimizer.schedule_steps",
+         "must be >= 1 or null (train.steps)"),
         (tr.steps >= 1, "train.steps", "must be >= 1"),
         (tr.meta_batch >= 1, "train.meta_batch", "must be >= 1"),
         (tr.time_limit_s is None or 0 < tr.time_limit_s < math.inf, "train.time_limit_s", "must be > 0 and finite, or null"),

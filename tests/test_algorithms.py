@@ -9,7 +9,7 @@ from distmeta.algorithms.inner import adapt, expand_to_tasks
 from distmeta.algorithms.paths import one_task_at_a_time, sum_contributions
 from distmeta.models import make_conv4, make_mlp
 from distmeta.models.conv4 import conv4_logits
-from distmeta.optim import adam, sgd
+from distmeta.optim import adam, schedule, sgd
 from distmeta.types import TaskBatch
 
 torch.set_num_threads(2)
@@ -231,6 +231,28 @@ def test_adam_matches_torch_optim_adam():
         torch_adam.step()
     for n in params:
         assert torch.allclose(params[n], reference[n].detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_a_scheduled_adam_matches_torch_optim_adam_under_torchs_own_scheduler(name):
+    steps, g = 6, torch.Generator().manual_seed(11)
+    params = {"a": torch.randn(3, 4, generator=g)}
+    reference = {n: p.clone().requires_grad_() for n, p in params.items()}
+    torch_adam = torch.optim.Adam(reference.values(), lr=0.05)
+    torch_schedule = (torch.optim.lr_scheduler.LinearLR(torch_adam, 1.0, 0.0, total_iters=steps) if name == "linear"
+                      else torch.optim.lr_scheduler.CosineAnnealingLR(torch_adam, T_max=steps))
+    opt = adam(schedule(name, 0.05, steps))
+    state = opt.init(params)
+    for _ in range(steps):
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+        params, state = opt.update(params, grads, state)
+        for n, p in reference.items():
+            p.grad = grads[n].clone()
+        torch_adam.step()
+        torch_schedule.step()
+    assert torch.allclose(params["a"], reference["a"].detach(), rtol=1e-6, atol=1e-7)
+    held, _ = opt.update(params, {"a": torch.ones(3, 4)}, state)  # past the decay the step size stays 0
+    assert torch.equal(held["a"], params["a"])
 
 
 def _copy(tree: dict) -> dict:

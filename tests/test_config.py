@@ -35,6 +35,8 @@ def test_the_paper_settings_are_in_the_paper_jobs():
     ({"task": {"ways": 2000}}, "task.ways", "smallest vinyals split has 400 classes"),
     ({"optimizer": {"lr": -1}}, "optimizer.lr", "must be finite and > 0"),
     ({"optimizer": {"lr": float("inf")}}, "optimizer.lr", "must be finite and > 0"),
+    ({"optimizer": {"schedule": "exponential"}}, "optimizer.schedule", "choose one of constant, linear, cosine"),
+    ({"optimizer": {"schedule_steps": 0}}, "optimizer.schedule_steps", "must be >= 1"),
     ({"train": {"log_every": 20, "val_every": 50}}, "train.val_every", "multiple of train.log_every"),
     ({"train": {"val_tasks": 1}}, "train.val_tasks", "must be >= 2"),
     ({"train": {"log_every": 0}}, "train.log_every", "must be >= 1"),
