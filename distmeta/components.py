@@ -35,7 +35,7 @@ def transformer_size(job: JobConfig) -> TransformerSize:
 def train_inner_loop(job: JobConfig) -> InnerLoop:
     """The inner loop used during meta-training."""
     a = job.algorithm
-    return InnerLoop(lr=a.inner_lr, steps=a.inner_steps, adapt=tuple(a.adapt))
+    return InnerLoop(lr=a.inner_lr, steps=a.inner_steps, adapt=tuple(a.adapt), optimizer=a.inner_optimizer)
 
 
 def eval_inner_loop(job: JobConfig, steps: int | None = None) -> InnerLoop:

@@ -86,8 +86,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     name: str = choice("maml", "fomaml", "reptile", "pretrain", default="maml")
-    inner_lr: float = 0.4  # inner SGD step size α
-    inner_steps: int = 1  # inner SGD steps during meta-training
+    inner_lr: float = 0.4  # inner step size α
+    inner_steps: int = 1  # inner steps during meta-training
+    inner_optimizer: str = choice("sgd", "adam", default="sgd")  # adam: first-order algorithms only
     adapt: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns of adapted params
 
 
@@ -231,6 +232,9 @@ def _check_values(job: JobConfig) -> list[str]:
         (math.isfinite(a.inner_lr) and a.inner_lr >= 0, "algorithm.inner_lr", "must be finite and >= 0"),
         (a.inner_steps >= (0 if a.name == "pretrain" else 1), "algorithm.inner_steps", "must be >= 1"),
         (bool(a.adapt), "algorithm.adapt", "must name at least one pattern"),
+        (a.inner_optimizer == "sgd" or a.name != "maml", "algorithm.inner_optimizer",
+         "adam needs a first-order algorithm (fomaml, reptile): √v has no derivative where a gradient is 0, "
+         "so second-order MAML through it is NaN"),
         (math.isfinite(job.optimizer.lr) and job.optimizer.lr > 0, "optimizer.lr", "must be finite and > 0"),
         (job.optimizer.schedule_steps is None or job.optimizer.schedule_steps >= 1, "optimizer.schedule_steps",
          "must be >= 1 or null (train.steps)"),

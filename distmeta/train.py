@@ -154,36 +154,36 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
         rows.written = []
 
     try:
-        while step < tr.steps and not progress.out_of_time():
+        while True:
             try:
-                records = runtime.advance()
-            except Rewound as rewind:  # the parameter server came back at its checkpoint
+                while step < tr.steps and not progress.out_of_time():
+                    for record in runtime.advance():
+                        step = record.step + 1
+                        _accumulate(window, record)
+                        if step % tr.log_every == 0:
+                            _log_step(job, runtime, rows, progress, step, window)
+                        if step % tr.checkpoint_every == 0:
+                            save()
+                    step = max(step, runtime.version)  # async: steps whose records a server restart lost
+                    rows.write_ready()
+                for record in runtime.finish():  # async: steps applied while the loop was ending
+                    step = record.step + 1
+                    _accumulate(window, record)
+                final_window = bool(window)
+                if final_window:  # the partial window at the end (step or time limit)
+                    _log_step(job, runtime, rows, progress, step, window)
+                rows.write_ready(wait=True)
+                wall_s = progress.elapsed()
+                saved = checkpoints(run / "checkpoints")
+                if final_window or not saved or saved[-1].name != f"step_{step:08d}.pt":
+                    save()  # (again, if it held the window just logged: a resume must not log it twice)
+                break
+            except Rewound as rewind:  # the parameter server came back at its checkpoint: redo from there
                 rows.drop_after(rewind.step)
                 rows.written = [r for r in rows.written if r["step"] <= rewind.step]
                 metrics_log.truncate(rewind.step)
-                saved = load_checkpoint(latest_checkpoint(run / "checkpoints")) if rewind.step else {}
-                step, window = rewind.step, dict(saved.get("window", {}))
-                continue
-            for record in records:
-                step = record.step + 1
-                _accumulate(window, record)
-                if step % tr.log_every == 0:
-                    _log_step(job, runtime, rows, progress, step, window)
-                if step % tr.checkpoint_every == 0:
-                    save()
-            step = max(step, runtime.version)  # async: steps whose records a server restart lost
-            rows.write_ready()
-        for record in runtime.finish():  # async: steps applied while the loop was ending
-            step = record.step + 1
-            _accumulate(window, record)
-        final_window = bool(window)
-        if final_window:  # the partial window at the end (step or time limit)
-            _log_step(job, runtime, rows, progress, step, window)
-        rows.write_ready(wait=True)
-        wall_s = progress.elapsed()
-        saved = checkpoints(run / "checkpoints")
-        if final_window or not saved or saved[-1].name != f"step_{step:08d}.pt":
-            save()  # (again, if it held the window just logged: a resume must not log it twice)
+                saved_state = load_checkpoint(latest_checkpoint(run / "checkpoints")) if rewind.step else {}
+                step, window = rewind.step, dict(saved_state.get("window", {}))
     except KeyboardInterrupt:
         save()
         log.info("interrupted at step %d; checkpoint written, continue with --resume %s", step, run)

@@ -134,6 +134,27 @@ def linear_model():
     return TaskModel("linear", lambda g: {"w": torch.tensor(0.5)}, loss, vmapped(loss))
 
 
+@pytest.mark.parametrize("algorithm", ["fomaml", "reptile"])
+def test_inner_adam_is_torch_optim_adam_on_each_task_and_every_path_agrees(algorithm, float64):
+    model, tasks = make_conv4(ways=3, width=6), omniglot_like(3)
+    phi = model.init(torch.Generator().manual_seed(4))
+    inner = InnerLoop(lr=0.01, steps=3, optimizer="adam")
+    leaves = {n: p.detach().requires_grad_() for n, p in phi.items()}
+    adapted = adapt(model.batched_loss, expand_to_tasks(leaves, 3), tasks.support, inner, create_graph=False)
+    for i in range(3):
+        own = {n: p.detach().clone().requires_grad_() for n, p in phi.items()}
+        optimizer = torch.optim.Adam(own.values(), lr=inner.lr)
+        for _ in range(inner.steps):
+            optimizer.zero_grad()
+            model.loss(own, tuple(t[i] for t in tasks.support))[0].backward()
+            optimizer.step()
+        assert all(torch.allclose(adapted[n][i], own[n], rtol=1e-9, atol=1e-12) for n in phi)
+    alg = build_algorithm(algorithm, inner)
+    reference = compute_contribution(alg, model, phi, tasks, "loop")
+    for path in PATHS:
+        assert relative_error(compute_contribution(alg, model, phi, tasks, path).grad_sum, reference.grad_sum) < 1e-11
+
+
 def test_reptile_delta_matches_a_hand_computed_case(float64):
     model = linear_model()
     phi = {"w": torch.tensor(0.5)}

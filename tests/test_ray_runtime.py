@@ -72,7 +72,8 @@ def test_phi_after_five_steps_matches_in_process_for_1_2_3_workers(local_ray, tm
 
 class FaultyRuntime(RayRuntime):
     """Before step ``at`` is computed: kill a worker or the server (Ray restarts either),
-    crash the driver, or push a non-finite slice to the server."""
+    crash the driver, or push a non-finite slice to the server; or kill the server after
+    step ``at`` - 1, just before the driver checkpoints it ("server before save")."""
 
     def __init__(self, *args, at: int, fault: str, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,6 +96,12 @@ class FaultyRuntime(RayRuntime):
                 nan = FlatContribution(torch.full((size,), float("nan")), 4, {"loss": 1.0})
                 assert ray.get(self.server.push.remote(version, 0, nan)) == "rejected"
         return super().advance()
+
+    def checkpoint(self, extra):
+        if self.fault == "server before save" and self.version == self.at and not self.done:
+            self.done = True
+            ray.kill(self.server, no_restart=False)
+        return super().checkpoint(extra)
 
 
 def faulty(job_config, run_dir: Path, at: int, fault: str) -> FaultyRuntime:
@@ -120,6 +127,28 @@ def test_a_killed_server_restarts_from_its_checkpoint_and_the_run_ends_with_the_
     assert "restarted from its checkpoint at step 4: 1 step(s) of work lost" in log_text
     steps = [line.split(",")[0] for line in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == ["2", "4", "6"]  # the redone step was logged once
+
+
+@pytest.mark.slow
+def test_a_server_killed_between_a_step_and_its_checkpoint_is_never_checkpointed_under_the_wrong_step(
+        local_ray, tmp_path):
+    calm = train(job(2), tmp_path / "calm")
+    reported = {}
+
+    def on_checkpoint(step, where, rows):
+        saved = load_checkpoint(where)
+        reported[step] = (saved["step"], saved["elapsed_s"])
+
+    killed = train(job(2), tmp_path / "killed", runtime=faulty(job(2), tmp_path / "killed", at=4,
+                                                                fault="server before save"), on_checkpoint=on_checkpoint)
+    assert killed["restarts"]["server"] == 1 and killed["phi_sha256"] == calm["phi_sha256"]
+    assert {step: saved for step, (saved, _) in reported.items()} == {2: 2, 4: 4, 6: 6}  # step 4 saved once redone
+    for path in checkpoints(tmp_path / "killed" / "checkpoints"):  # none rewritten with a later step's driver state
+        saved = load_checkpoint(path)
+        assert reported[saved["step"]] == (saved["step"], saved["elapsed_s"])
+    assert "restarted from its checkpoint at step 2: 2 step(s) of work lost" in (tmp_path / "killed" / "train.log").read_text()
+    steps = [line.split(",")[0] for line in (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["2", "4", "6"]
 
 
 @pytest.mark.slow

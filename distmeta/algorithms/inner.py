@@ -1,7 +1,8 @@
-"""Inner-loop adaptation: SGD on each task's support set, all tasks at once.
+"""Inner-loop adaptation: SGD or Adam on each task's support set, all tasks at once.
 
 Params here are batched (leading task dimension). Tasks are independent, so the gradient of
-the SUM of per-task losses with respect to batched params is every task's own gradient.
+the SUM of per-task losses with respect to batched params is every task's own gradient, and
+the elementwise optimizer arithmetic (Adam's moments too) stays per task.
 """
 
 from __future__ import annotations
@@ -14,14 +15,27 @@ from torch import Tensor
 
 from distmeta.types import Batch, BatchedLossFn, Metrics, Params
 
+INNER_OPTIMIZERS = ("sgd", "adam")
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
 
 class InnerLoop(NamedTuple):
-    """How a task adapts: ``steps`` SGD steps of size ``lr`` on the parameters that match
-    one of the ``adapt`` name patterns (fnmatch, e.g. ``("head.*",)`` for ANIL)."""
+    """How a task adapts: ``steps`` steps of ``optimizer`` with step size ``lr`` on the
+    parameters that match one of the ``adapt`` name patterns (fnmatch, e.g. ``("head.*",)``
+    for ANIL). Adam starts from zero moments on every task, as fine-tuning a fresh copy would."""
 
     lr: float
     steps: int
     adapt: tuple[str, ...] = ("*",)
+    optimizer: str = "sgd"
+
+
+class Moments(NamedTuple):
+    """Inner Adam's per-task state: steps taken, first and second moments by name."""
+
+    count: int
+    first: Params
+    second: Params
 
 
 def adapted_names(params: Params, patterns: Sequence[str]) -> list[str]:
@@ -41,22 +55,33 @@ def expand_to_tasks(params: Params, num_tasks: int) -> Params:
     return {name: p.expand(num_tasks, *p.shape) for name, p in params.items()}
 
 
-def sgd_step(
-    loss: BatchedLossFn, params: Params, support: Batch, lr: float, names: Sequence[str], create_graph: bool
-) -> Params:
-    """One inner SGD step for every task. ``create_graph`` keeps second-order terms."""
+def inner_step(
+    loss: BatchedLossFn, params: Params, support: Batch, inner: InnerLoop, names: Sequence[str], create_graph: bool,
+    moments: Moments | None = None,
+) -> tuple[Params, Moments | None]:
+    """One inner step for every task; ``moments`` is Adam's state (None before its first step).
+    ``create_graph`` keeps second-order terms. Out of place, so it is differentiable."""
     losses, _ = loss(params, support)
-    grads = torch.autograd.grad(losses.sum(), [params[n] for n in names], create_graph=create_graph)
-    return {**params, **{n: params[n] - lr * g for n, g in zip(names, grads)}}
+    grads = dict(zip(names, torch.autograd.grad(losses.sum(), [params[n] for n in names], create_graph=create_graph)))
+    if inner.optimizer == "sgd":
+        return {**params, **{n: params[n] - inner.lr * g for n, g in grads.items()}}, None
+    (beta1, beta2), count = ADAM_BETAS, (moments.count if moments else 0) + 1
+    first = {n: (1 - beta1) * g + (beta1 * moments.first[n] if moments else 0) for n, g in grads.items()}
+    second = {n: (1 - beta2) * g * g + (beta2 * moments.second[n] if moments else 0) for n, g in grads.items()}
+    step = inner.lr / (1 - beta1 ** count)
+    scale = (1 - beta2 ** count) ** 0.5
+    updated = {n: params[n] - step * first[n] / (second[n].sqrt() / scale + ADAM_EPS) for n in names}
+    return {**params, **updated}, Moments(count, first, second)
 
 
 def adapt(
     loss: BatchedLossFn, params: Params, support: Batch, inner: InnerLoop, create_graph: bool
 ) -> Params:
-    """θ̂ = Φ after ``inner.steps`` SGD steps on each task's support set."""
+    """θ̂ = Φ after ``inner.steps`` steps of the inner optimizer on each task's support set."""
     names = adapted_names(params, inner.adapt)
+    moments = None
     for _ in range(inner.steps):
-        params = sgd_step(loss, params, support, inner.lr, names, create_graph)
+        params, moments = inner_step(loss, params, support, inner, names, create_graph, moments)
     return params
 
 
@@ -74,6 +99,7 @@ def adaptation_curve(
         n: p.detach().expand(tasks, *p.shape).clone().requires_grad_(n in names) for n, p in phi.items()
     }
     curve: dict[int, Metrics] = {}
+    moments = None
     for step in range(max(record_at) + 1):
         if step in record_at:
             with torch.no_grad():
@@ -81,10 +107,8 @@ def adaptation_curve(
             curve[step] = {"loss": losses.detach(), **{k: v.detach() for k, v in metrics.items()}}
         if step < max(record_at):
             with torch.enable_grad():
-                params = {
-                    n: p.detach().requires_grad_(n in names)
-                    for n, p in sgd_step(loss, params, support, inner.lr, names, False).items()
-                }
+                params, moments = inner_step(loss, params, support, inner, names, False, moments)
+                params = {n: p.detach().requires_grad_(n in names) for n, p in params.items()}
     return curve
 
 

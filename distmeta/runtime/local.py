@@ -64,7 +64,12 @@ class Runtime(Protocol):
         """The final meta-test report of the current Φ."""
 
     def checkpoint(self, extra: dict[str, Any]) -> None:
-        """Save Φ, optimizer and sampler state at the current step, plus the driver's ``extra``."""
+        """Save Φ, optimizer and sampler state at the current step, plus the driver's ``extra``.
+
+        Raises:
+            Rewound: the server restarted from an earlier checkpoint since the last step;
+                nothing was written (its state would not match ``extra``).
+        """
 
     def info(self) -> dict[str, Any]:
         """Summary fields: mode, phi_sha256, restarts, rejected_contributions, ..."""

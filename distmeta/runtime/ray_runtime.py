@@ -136,9 +136,12 @@ class ParameterServer:
     def stop(self) -> None:
         self.stopped = True
 
-    def checkpoint(self, path: str | None, extra: dict[str, Any]) -> int:
-        state = checkpoint_state(self.job, self.store.state_dict(), path, extra)
-        save_checkpoint(self.checkpoints, self.store.version, state, self.job.train.keep_checkpoints)
+    def checkpoint(self, path: str | None, extra: dict[str, Any], driver_step: int) -> int:
+        """Save unless this server is behind the driver (it restarted since: ``extra`` would
+        not match its state); returns its version either way."""
+        if self.store.version >= driver_step:
+            state = checkpoint_state(self.job, self.store.state_dict(), path, extra)
+            save_checkpoint(self.checkpoints, self.store.version, state, self.job.train.keep_checkpoints)
         return self.store.version
 
     def flat(self) -> np.ndarray:
@@ -371,7 +374,9 @@ class RayRuntime:
         return ray.get(self.evaluator.test.remote([self.server.flat.remote()]))
 
     def checkpoint(self, extra: dict[str, Any]) -> None:
-        ray.get(self.server.checkpoint.remote(self.path, extra))
+        if ray.get(self.server.checkpoint.remote(self.path, extra, self.version)) < self.version:
+            self._status()  # Φ as the restarted server holds it, for the steps to redo
+            self._check_server(self.last["version"])
 
     def info(self) -> dict[str, Any]:
         self._status()
