@@ -70,7 +70,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from distmeta.compare.pipeline import compare
 
-    folder = compare(args.compare, args.out, args.stage, args.address)
+    folder = compare(args.compare, args.out, args.stage, args.address, args.set)
     if (folder / "report.md").exists() and args.stage in ("all", "report"):
         print((folder / "report.md").read_text())
     print(f"comparison in {folder}")
@@ -87,7 +87,7 @@ def _validate(args: argparse.Namespace) -> int:
             if is_sweep_file(path):
                 load_sweep(path)
             elif is_compare_file(path):
-                load_compare(path)
+                load_compare(path, args.set)
             else:
                 load_job(path, args.set)
             print(f"{path}: ok")
@@ -152,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--stage", default="all", choices=("all", "prepare", "meta", "pretrain", "finetune", "report"),
                      help="run one stage only (its inputs must exist)")
     cmp.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else an embedded local Ray)")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the comparison file, e.g. --set 'targets=[ron]' or "
+                          "--set 'overrides=[algorithm.inner_optimizer=adam]' (the meta job's own overrides)")
     cmp.set_defaults(run=_compare)
 
     validate = commands.add_parser("validate", help="check job, sweep and comparison files without running them")

@@ -58,6 +58,14 @@ def test_a_bad_comparison_names_its_key(tmp_path, changes, message):
         load_compare(write_compare(tmp_path, **changes))
 
 
+def test_set_overrides_the_comparison_and_through_it_the_meta_job(tmp_path):
+    spec, job = load_compare(SMOKE, ["targets=[lav]", "overrides=[algorithm.inner_optimizer=adam, algorithm.inner_lr=0.001]"])
+    assert spec.targets == ["lav"] and (job.algorithm.inner_optimizer, job.algorithm.inner_lr) == ("adam", 0.001)
+    assert "lav" in job.task.vocab_languages and "ron" not in job.task.vocab_languages
+    with pytest.raises(ConfigError, match="algorithm.inner_optimizer: adam needs a first-order algorithm"):
+        load_compare(SMOKE, ["overrides=[algorithm.name=maml, algorithm.inner_optimizer=adam]"])
+
+
 def test_the_baseline_gets_the_same_updates_tasks_tokens_and_optimizer():
     spec, job = load_compare(SMOKE)
     base = pretrain_job(job, 17)

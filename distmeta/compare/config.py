@@ -88,16 +88,17 @@ def budget_name(tokens: int | None) -> str:
     return "all" if tokens is None else str(tokens)
 
 
-def load_compare(path: str | Path) -> tuple[CompareConfig, JobConfig]:
-    """The comparison and its meta-training job (sources as its tasks, the shared vocabulary
-    languages set), every problem reported at once, each naming its key.
+def load_compare(path: str | Path, overrides: list[str] = ()) -> tuple[CompareConfig, JobConfig]:
+    """The comparison (with ``key=value`` ``overrides`` of its own keys, as ``--set`` gives
+    them) and its meta-training job (sources as its tasks, the shared vocabulary languages
+    set), every problem reported at once, each naming its key.
 
     Raises:
         ConfigError: listing the problems.
         FileNotFoundError: no such file.
     """
     path = Path(path)
-    spec = spec_from_dict(CompareConfig, read_config_file(path), str(path))
+    spec = spec_from_dict(CompareConfig, apply_overrides(read_config_file(path), list(overrides)), str(path))
     job_path = path.parent / spec.meta_job
     if not spec.meta_job or not job_path.is_file():
         raise ConfigError([f"meta_job: no job file {str(job_path)!r}; name it relative to this file"], str(path))

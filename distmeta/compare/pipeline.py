@@ -36,8 +36,10 @@ log = logging.getLogger("distmeta.compare")
 STAGES = ("prepare", "meta", "pretrain", "finetune", "report")
 
 
-def compare(path: str | Path, out: str | Path | None = None, stage: str = "all", address: str | None = None) -> Path:
-    """Run the comparison ``path`` (every stage, or one) into ``out``; returns the run folder.
+def compare(path: str | Path, out: str | Path | None = None, stage: str = "all", address: str | None = None,
+            overrides: list[str] = ()) -> Path:
+    """Run the comparison ``path`` (every stage, or one; ``key=value`` ``overrides`` of the
+    comparison's keys) into ``out``; returns the run folder.
 
     Raises:
         ConfigError: a malformed comparison or meta-training job.
@@ -47,7 +49,7 @@ def compare(path: str | Path, out: str | Path | None = None, stage: str = "all",
     """
     if stage != "all" and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of all, {', '.join(STAGES)}")
-    spec, job = load_compare(path)
+    spec, job = load_compare(path, overrides)
     job = _resolved_data(job)
     folder = Path(out) if out is not None else Path("runs") / spec.name
     folder.mkdir(parents=True, exist_ok=True)
