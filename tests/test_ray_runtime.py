@@ -2,8 +2,10 @@
 and the same Φ after a killed worker, a killed server or a killed driver."""
 from __future__ import annotations
 
+import http.server
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -230,3 +232,12 @@ def test_unwritable_storage_and_unreachable_address_fail_fast(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "run"), "--address", f"127.0.0.1:{port}"]) == 1
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
     assert time.perf_counter() - start < 30
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # a listener, not Ray
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{web.server_address[1]}"
+        assert main([*args, "--out", str(tmp_path / "run"), "--address", address]) == 1
+        assert f"something listens at {address} but it is not a Ray cluster" in capsys.readouterr().err
+    finally:
+        web.shutdown()
+        web.server_close()

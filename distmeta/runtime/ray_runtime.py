@@ -474,13 +474,25 @@ class RaySession:
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a ``host:port`` cluster address where nothing listens (``ray.init`` would
-    keep retrying for a long time). Other forms (``auto``, ``ray://``) are left to Ray."""
+    """Fail fast on a ``host:port`` cluster address where nothing listens, or where what
+    listens does not speak gRPC as Ray's GCS does (``ray.init`` would keep retrying for a long
+    time). Other forms (``auto``, ``ray://``) are left to Ray, and so is the gRPC check of a
+    TLS cluster (``RAY_USE_TLS``), whose handshake a plain channel cannot make."""
     host, _, port = address.rpartition(":")
     if "://" in address or not host or not port.isdigit():
         return
+    advice = "check runtime.address / --address / $RAY_ADDRESS"
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as error:
-        raise ValueError(f"no Ray cluster answers at {address} ({error}); check runtime.address / --address / "
-                         "$RAY_ADDRESS") from None
+        raise ValueError(f"no Ray cluster answers at {address} ({error}); {advice}") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    import grpc  # Ray's own dependency
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise ValueError(f"something listens at {address} but it is not a Ray cluster (no gRPC answer in "
+                             f"{timeout_s:g} s); {advice}") from None
