@@ -133,6 +133,7 @@ class RuntimeConfig:
     worker_cpus: float = 1.0  # CPUs reserved (and torch threads) per worker
     worker_gpus: float = 0.0  # GPUs per worker; fractions share a GPU
     placement: str = choice("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", default="PACK")  # workers' gang placement
+    scale_up_timeout_s: float = 0.0  # wait this long for an autoscaling cluster to add the workers' nodes (0: fail fast)
     mode: str = choice("sync", "async", default="sync")  # sync: reproducible steps; async: apply slices on arrival
     staleness: int = 2  # async: drop slices computed at a Φ more than this many steps old
     contributions: str = choice("fp32", "bf16", default="fp32")  # slices' dtype on the wire (bf16: half the bytes, not bit-identical)
@@ -257,6 +258,7 @@ def _check_values(job: JobConfig) -> list[str]:
         (job.runtime.workers >= 0, "runtime.workers", "must be >= 0 (0 = in-process)"),
         (job.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
         (job.runtime.worker_gpus >= 0, "runtime.worker_gpus", "must be >= 0"),
+        (0 <= job.runtime.scale_up_timeout_s < math.inf, "runtime.scale_up_timeout_s", "must be >= 0 and finite"),
         (job.runtime.staleness >= 0, "runtime.staleness", "must be >= 0"),
         (job.runtime.server_threads >= 1, "runtime.server_threads", "must be >= 1"),
         (job.runtime.evaluator_cpus >= 0, "runtime.evaluator_cpus", "must be >= 0"),

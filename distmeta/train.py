@@ -35,7 +35,7 @@ __all__ = ["NonFiniteError", "RESUMABLE_KEYS", "default_run_dir", "train"]
 log = logging.getLogger("distmeta")
 # What may differ between a run and its resumption: nothing that changes the math.
 RESUMABLE_KEYS = ("train.*", "runtime.workers", "runtime.address", "runtime.worker_cpus", "runtime.worker_gpus",
-                  "runtime.threads", "runtime.placement", "runtime.evaluator_cpus", "runtime.evaluator_gpus",
+                  "runtime.threads", "runtime.placement", "runtime.scale_up_timeout_s", "runtime.evaluator_cpus", "runtime.evaluator_gpus",
                   "runtime.storage")
 
 

@@ -174,10 +174,14 @@ class LocalRayCluster:
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                         f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
                         "--disable-usage-stats")
-        for i in range(self.workers):
-            self._ray_start(f"worker{i + 1}", f"--address={self.address}",
-                            f"--num-cpus={self.cpus_per_worker}")
+        for _ in range(self.workers):
+            self.add_worker(self.cpus_per_worker)
         self.wait_for_nodes(1 + self.workers)
+
+    def add_worker(self, cpus: int) -> None:
+        """Starts one more worker node of ``cpus`` CPUs (what an autoscaler does); it is stopped
+        with the others."""
+        self._ray_start(f"worker{len(self.sessions)}", f"--address={self.address}", f"--num-cpus={cpus}")
 
     def _ray_start(self, name: str, *args: str) -> None:
         # The dashboard agent's HTTP port defaults to 52365 on every node: pick one per node.

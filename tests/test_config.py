@@ -43,6 +43,7 @@ def test_the_paper_settings_are_in_the_paper_jobs():
     ({"train": {"log_every": 0}}, "train.log_every", "must be >= 1"),
     ({"train": {"steps": True}}, "train.steps", "expected int"),
     ({"task": {"rotations": [0, 45]}}, "task.rotations", "0, 90, 180, 270"),
+    ({"runtime": {"scale_up_timeout_s": -1}}, "runtime.scale_up_timeout_s", "must be >= 0 and finite"),
     ({"runtime": {"path": "gpu"}}, "runtime.path", "choose one of auto, batched, vmap, loop"),
     ({"task": {"dataset": "sinusoid"}}, "model.name", "sinusoid tasks need model mlp"),
     ({"eval": 3}, "eval", "expected a mapping"),

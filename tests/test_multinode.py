@@ -114,3 +114,26 @@ def test_a_driver_pointed_where_no_cluster_listens_fails_fast(tmp_path: Path) ->
     assert result.returncode != 0, result.stdout + result.stderr
     assert elapsed < UNREACHABLE_TIMEOUT_S, f"took {elapsed:.0f} s:\n{result.stderr}"
     assert f":{port}" in result.stderr, result.stderr  # Ray itself would name 127.0.0.1 by the host's IP
+
+
+@pytest.mark.slow
+def test_a_job_waits_for_the_cluster_to_scale_up_to_its_workers(cluster: LocalRayCluster, tmp_path: Path) -> None:
+    """Three 1-CPU workers on two 1-CPU nodes: with runtime.scale_up_timeout_s the job waits
+    (where it would fail fast without) until a third node joins, as an autoscaler would add it."""
+    storage = tmp_path / "storage"
+    entrypoint = shlex.join([
+        "distmeta", "train", "jobs/sinusoid_smoke.yaml", "--workers", "3", "--set", "runtime.scale_up_timeout_s=150",
+        "--set", "train.steps=4", "--set", "eval.tasks=10", "--out", storage.as_uri()])
+    client = cluster.job_client()
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={
+        "working_dir": str(REPO), "excludes": UPLOAD_EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}})
+    deadline = time.monotonic() + 90
+    while "waiting up to 150 s for it to scale up" not in client.get_job_logs(job_id):
+        assert time.monotonic() < deadline, f"the job never waited for a scale-up; its logs:\n{client.get_job_logs(job_id)}"
+        time.sleep(1)
+    cluster.add_worker(cpus=1)
+    status = wait_for_job(client, job_id, JOB_TIMEOUT_S)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", f"job {job_id} ended {status}; its logs:\n{logs}"
+    summary = json.loads((storage / "summary.json").read_text())
+    assert summary["workers"] == 3 and len(set(summary["worker_nodes"])) == 3, summary

@@ -209,7 +209,8 @@ def test_async_mode_trains_with_bounded_staleness(local_ray, tmp_path):
 
 
 def test_more_workers_than_the_cluster_has_fails_fast(local_ray, tmp_path):
-    with pytest.raises(ValueError, match=r"4 workers × 1 CPU = 4 CPU, but the Ray cluster has 3"):
+    with pytest.raises(ValueError, match=r"4 workers × 1 CPU = 4 CPU, but the Ray cluster has 3.*"
+                                         r"on an autoscaling cluster, set runtime.scale_up_timeout_s"):
         train(job(4), tmp_path / "big")
 
 

@@ -241,7 +241,7 @@ class RayRuntime:
         options = {"runtime_env": {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
                                    | ALLOCATOR_ENV}}
         self.group, bundles = reserve_workers(len(self.slices), rt.worker_cpus, rt.worker_gpus, rt.placement,
-                                              (rt.evaluator_cpus, rt.evaluator_gpus))
+                                              (rt.evaluator_cpus, rt.evaluator_gpus), rt.scale_up_timeout_s)
         self.owns_group = self.group != get_current_placement_group()
         self.workers, self.server, self.evaluator = [], None, None
         self.loops: list[ray.ObjectRef] = []
@@ -400,15 +400,21 @@ class RayRuntime:
 
 
 def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str,
-                    beside: tuple[float, float] = (0.0, 0.0)) -> tuple[PlacementGroup, list[int]]:
+                    beside: tuple[float, float] = (0.0, 0.0),
+                    scale_up_timeout_s: float = 0.0) -> tuple[PlacementGroup, list[int]]:
     """A placement group with one bundle per worker, ready, so all workers start together,
     and the workers' bundle indices. Inside a Ray Tune trial, whose placement group already
     reserves the workers (its last bundles), that group. ``beside`` (CPUs, GPUs) is what
     else the run needs at the same time (the evaluator), counted in the feasibility check.
 
+    With ``scale_up_timeout_s`` the cluster may lack the resources now: the pending group is
+    the demand a Ray autoscaler adds nodes for (an autoscaling GPU node type that starts at
+    zero, as in cluster.yaml), and the group is awaited that long instead of failing fast.
+
     Raises:
-        ValueError: the cluster (or every node) has too few CPUs/GPUs, or the strategy
-            cannot be met within ``PLACEMENT_TIMEOUT_S`` (Ray would wait forever).
+        ValueError: the cluster (or every node) has too few CPUs/GPUs and no scale-up wait was
+            asked for, or the group cannot be placed within the wait (at least
+            ``PLACEMENT_TIMEOUT_S``; Ray would wait forever).
     """
     current = get_current_placement_group()
     if current is not None:
@@ -419,24 +425,32 @@ def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str,
     total = ray.cluster_resources()
     largest = {r: max((n["Resources"].get(r, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
                for r in ("CPU", "GPU")}
+    short = []
     for resource, each, other in (("CPU", cpus, beside[0]), ("GPU", gpus, beside[1])):
         key = f"runtime.worker_{resource.lower()}s"
         if workers * each + other > total.get(resource, 0.0):
             evaluator = f" + {other:g} for the evaluator" if other else ""
-            raise ValueError(f"{workers} workers × {each:g} {resource}{evaluator} = {workers * each + other:g} "
-                             f"{resource}, but the Ray cluster has {total.get(resource, 0.0):g}; lower runtime.workers, "
-                             f"{key} or runtime.evaluator_{resource.lower()}s")
-        if each > largest[resource]:
-            raise ValueError(f"one worker asks for {each:g} {resource} but the largest node has "
-                             f"{largest[resource]:g}; lower {key}")
+            short.append(f"{workers} workers × {each:g} {resource}{evaluator} = {workers * each + other:g} "
+                         f"{resource}, but the Ray cluster has {total.get(resource, 0.0):g}; lower runtime.workers, "
+                         f"{key} or runtime.evaluator_{resource.lower()}s")
+        elif each > largest[resource]:
+            short.append(f"one worker asks for {each:g} {resource} but the largest node has "
+                         f"{largest[resource]:g}; lower {key}")
+    if short and not scale_up_timeout_s:
+        raise ValueError(f"{short[0]} (or, on an autoscaling cluster, set runtime.scale_up_timeout_s)")
     bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
     group = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy)
-    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    timeout = max(PLACEMENT_TIMEOUT_S, scale_up_timeout_s)
+    if short:
+        log.info("ray: the cluster is short now (%s); waiting up to %g s for it to scale up", short[0].split(";")[0],
+                 timeout)
+    ready, _ = ray.wait([group.ready()], timeout=timeout)
     if not ready:
         remove_placement_group(group)
         nodes = sum(1 for n in ray.nodes() if n["Alive"])
         raise ValueError(f"cannot place {workers} workers of {bundle} with {strategy} on this cluster ({nodes} live "
-                         f"nodes) within {PLACEMENT_TIMEOUT_S:g} s; use another runtime.placement or fewer workers")
+                         f"nodes) within {timeout:g} s; use another runtime.placement or fewer workers"
+                         + (", or wait longer (runtime.scale_up_timeout_s)" if scale_up_timeout_s else ""))
     return group, list(range(workers))
 
 
