@@ -18,7 +18,7 @@ from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
 from distmeta.compare.config import DecodeConfig, FinetuneConfig, PretrainConfig, load_compare, pretrain_job
 from distmeta.compare.finetune import finetune, finetune_on_dev, token_batches, translate
-from distmeta.compare.pipeline import compare, result_file, runs
+from distmeta.compare.pipeline import compare, is_current, result_file, run_settings, runs
 from distmeta.compare.pretrain import run_pretraining
 from distmeta.components import build_model, transformer_size
 from distmeta.config import ConfigError, load_job
@@ -195,6 +195,8 @@ def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp
     assert "meta-training already finished" in caplog.text and "pre-training already finished" in caplog.text
     assert "12 fine-tuning runs, 11 already done" in caplog.text
     assert all(files[r].stat().st_mtime_ns == stamps[r] for r in files if r != redo) and files[redo].exists()
+    wider, _ = load_compare(SMOKE, ["finetune.seeds=[0, 1]", "finetune.budgets=[0, 3000, 6000]"])
+    assert all(is_current(f, run_settings(wider)) for f in files.values())  # more seeds/budgets keep these
 
     changed = write_compare(tmp_path, finetune={**yaml.safe_load(SMOKE.read_text())["finetune"], "lr": 0.002})
     with pytest.raises(FileNotFoundError, match="made under other finetune/decode settings"):

@@ -154,12 +154,22 @@ def result_file(folder: Path, target: str, init: str, budget: int | None, seed: 
 
 def run_settings(spec: CompareConfig) -> dict[str, Any]:
     """What a fine-tuning result depends on besides its run key and the initialisations
-    (which the recorded meta job guards): a result made under other settings is redone."""
+    (which the recorded meta job guards), recorded with it: a result made under other settings
+    is redone."""
     return {"finetune": asdict(spec.finetune), "decode": asdict(spec.decode)}
 
 
 def is_current(path: Path, settings: dict[str, Any]) -> bool:
-    return path.exists() and json.loads(path.read_text()).get("settings") == settings
+    """Whether ``path`` holds a result made under ``settings``. The lists of budgets and seeds
+    do not count (each run's key holds its own), so adding a budget or a seed runs only the
+    new runs."""
+    return path.exists() and _without_run_lists(json.loads(path.read_text()).get("settings")) == _without_run_lists(settings)
+
+
+def _without_run_lists(settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    if settings is None:
+        return None
+    return {**settings, "finetune": {k: v for k, v in settings["finetune"].items() if k not in ("budgets", "seeds")}}
 
 
 def runs(spec: CompareConfig) -> list[tuple[str, str, int | None, int]]:
