@@ -208,3 +208,12 @@ def test_a_run_folder_of_another_meta_training_job_is_refused(tmp_path):
     (tmp_path / "compare.json").write_text(json.dumps({"meta_job": {"name": "something else"}}))
     with pytest.raises(ValueError, match="another meta-training job; use another --out"):
         compare(SMOKE, tmp_path, stage="report")
+
+
+@needs_data
+def test_a_run_folder_recorded_before_a_key_was_added_still_matches_its_job(tmp_path):
+    compare(SMOKE, tmp_path, stage="prepare")
+    record = json.loads((tmp_path / "compare.json").read_text())
+    del record["meta_job"]["runtime"]["scale_up_timeout_s"]  # as a run folder from before that key
+    (tmp_path / "compare.json").write_text(json.dumps(record))
+    compare(SMOKE, tmp_path, stage="prepare")

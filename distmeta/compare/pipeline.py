@@ -28,7 +28,7 @@ import torch
 from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.compare.config import INITS, CompareConfig, budget_name, load_compare, pretrain_job
 from distmeta.components import build_model, transformer_size, translation_source
-from distmeta.config import JobConfig, job_from_dict, job_to_dict
+from distmeta.config import ConfigError, JobConfig, job_from_dict, job_to_dict
 from distmeta.data.omniglot import default_cache_dir
 from distmeta.data.translation import TranslationTasks, open_store, prepare_translation, read_source
 
@@ -83,9 +83,18 @@ def _record_config(folder: Path, spec: CompareConfig, job: JobConfig) -> None:
     meta-training job (the initialisations); fine-tuning results carry their own settings."""
     record = {"compare": asdict(spec), "meta_job": job_to_dict(job)}
     recorded = folder / "compare.json"
-    if recorded.exists() and json.loads(recorded.read_text()).get("meta_job") != record["meta_job"]:
+    if recorded.exists() and _as_current(json.loads(recorded.read_text()).get("meta_job")) != record["meta_job"]:
         raise ValueError(f"{folder} holds a comparison with another meta-training job; use another --out for this one")
     recorded.write_text(json.dumps(record, indent=2))
+
+
+def _as_current(recorded: dict | None) -> dict | None:
+    """A recorded meta job with the defaults of keys added to distmeta since, so that an
+    older run folder still matches the same job (None: unreadable as a job now)."""
+    try:
+        return job_to_dict(job_from_dict(recorded or {}, "recorded meta job"))
+    except ConfigError:
+        return None
 
 
 def _data(job: JobConfig, languages: list[str]) -> tuple[Any, TranslationTasks]:
