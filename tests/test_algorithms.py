@@ -153,6 +153,8 @@ def test_inner_adam_is_torch_optim_adam_on_each_task_and_every_path_agrees(algor
     reference = compute_contribution(alg, model, phi, tasks, "loop")
     for path in PATHS:
         assert relative_error(compute_contribution(alg, model, phi, tasks, path).grad_sum, reference.grad_sum) < 1e-11
+    with pytest.raises(ValueError, match="unknown inner optimizer 'adamw'"):
+        adapt(model.batched_loss, expand_to_tasks(leaves, 3), tasks.support, inner._replace(optimizer="adamw"), False)
 
 
 def test_reptile_delta_matches_a_hand_computed_case(float64):

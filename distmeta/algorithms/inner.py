@@ -60,7 +60,13 @@ def inner_step(
     moments: Moments | None = None,
 ) -> tuple[Params, Moments | None]:
     """One inner step for every task; ``moments`` is Adam's state (None before its first step).
-    ``create_graph`` keeps second-order terms. Out of place, so it is differentiable."""
+    ``create_graph`` keeps second-order terms. Out of place, so it is differentiable.
+
+    Raises:
+        ValueError: an inner optimizer other than ``INNER_OPTIMIZERS``.
+    """
+    if inner.optimizer not in INNER_OPTIMIZERS:
+        raise ValueError(f"unknown inner optimizer {inner.optimizer!r}; choose one of {INNER_OPTIMIZERS}")
     losses, _ = loss(params, support)
     grads = dict(zip(names, torch.autograd.grad(losses.sum(), [params[n] for n in names], create_graph=create_graph)))
     if inner.optimizer == "sgd":
