@@ -102,7 +102,9 @@ class FaultyRuntime(RayRuntime):
     def checkpoint(self, extra):
         if self.fault == "server before save" and self.version == self.at and not self.done:
             self.done = True
-            ray.kill(self.server, no_restart=False)
+            ray.kill(self.server, no_restart=False)  # asynchronous: the old process may still answer a call
+            while ray.get(self.server.status.remote(False))["pid"] == self.server_pid:
+                time.sleep(0.05)  # until the restarted server answers
         return super().checkpoint(extra)
 
 
