@@ -29,7 +29,7 @@ def schedule(name: str, lr: float, steps: int) -> Schedule:
         ValueError: unknown name.
     """
     if name == "constant":
-        return lambda count: lr
+        return _as_schedule(lr)
     if name == "linear":
         return lambda count: lr * max(0.0, 1.0 - count / steps)
     if name == "cosine":

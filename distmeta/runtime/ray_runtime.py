@@ -425,25 +425,25 @@ def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str,
     total = ray.cluster_resources()
     largest = {r: max((n["Resources"].get(r, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
                for r in ("CPU", "GPU")}
-    short = []
+    short: list[tuple[str, str]] = []  # (what the cluster lacks now, what to lower)
     for resource, each, other in (("CPU", cpus, beside[0]), ("GPU", gpus, beside[1])):
         key = f"runtime.worker_{resource.lower()}s"
         if workers * each + other > total.get(resource, 0.0):
             evaluator = f" + {other:g} for the evaluator" if other else ""
-            short.append(f"{workers} workers × {each:g} {resource}{evaluator} = {workers * each + other:g} "
-                         f"{resource}, but the Ray cluster has {total.get(resource, 0.0):g}; lower runtime.workers, "
-                         f"{key} or runtime.evaluator_{resource.lower()}s")
+            short.append((f"{workers} workers × {each:g} {resource}{evaluator} = {workers * each + other:g} "
+                          f"{resource}, but the Ray cluster has {total.get(resource, 0.0):g}",
+                          f"lower runtime.workers, {key} or runtime.evaluator_{resource.lower()}s"))
         elif each > largest[resource]:
-            short.append(f"one worker asks for {each:g} {resource} but the largest node has "
-                         f"{largest[resource]:g}; lower {key}")
+            short.append((f"one worker asks for {each:g} {resource} but the largest node has {largest[resource]:g}",
+                          f"lower {key}"))
     if short and not scale_up_timeout_s:
-        raise ValueError(f"{short[0]} (or, on an autoscaling cluster, set runtime.scale_up_timeout_s)")
+        fact, advice = short[0]
+        raise ValueError(f"{fact}; {advice} (or, on an autoscaling cluster, set runtime.scale_up_timeout_s)")
     bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
     group = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy)
     timeout = max(PLACEMENT_TIMEOUT_S, scale_up_timeout_s)
     if short:
-        log.info("ray: the cluster is short now (%s); waiting up to %g s for it to scale up", short[0].split(";")[0],
-                 timeout)
+        log.info("ray: the cluster is short now (%s); waiting up to %g s for it to scale up", short[0][0], timeout)
     ready, _ = ray.wait([group.ready()], timeout=timeout)
     if not ready:
         remove_placement_group(group)
