@@ -4,8 +4,10 @@ from distmeta.algorithms.inner import InnerLoop, adapt, adaptation_curve
 from distmeta.algorithms.meta import (
     ALGORITHMS,
     Algorithm,
+    AlgorithmSchedule,
     TaskLosses,
     build_algorithm,
+    first_order_warmup,
     maml,
     pretrain,
     reptile,
@@ -15,6 +17,7 @@ from distmeta.algorithms.paths import PATHS, compiled, compute_contribution, sum
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "AlgorithmSchedule",
     "InnerLoop",
     "PATHS",
     "TaskLosses",
@@ -23,6 +26,7 @@ __all__ = [
     "build_algorithm",
     "compiled",
     "compute_contribution",
+    "first_order_warmup",
     "maml",
     "pretrain",
     "reptile",
