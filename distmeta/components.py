@@ -5,7 +5,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from distmeta.algorithms import AlgorithmSchedule, InnerLoop, build_algorithm, first_order_warmup
+from distmeta.algorithms import Algorithm, InnerLoop, build_algorithm
 from distmeta.config import JobConfig
 from distmeta.data.omniglot import DataError, default_cache_dir, load_omniglot
 from distmeta.data.omniglot_tasks import OmniglotTasks
@@ -43,13 +43,8 @@ def eval_inner_loop(job: JobConfig, steps: int | None = None) -> InnerLoop:
     return train_inner_loop(job)._replace(steps=job.eval.inner_steps if steps is None else steps)
 
 
-def build_job_algorithm(job: JobConfig) -> AlgorithmSchedule:
-    """The algorithm of each meta-step: the job's, after ``algorithm.first_order_steps`` of
-    first-order MAML where that is set."""
-    if job.algorithm.first_order_steps:
-        return first_order_warmup(train_inner_loop(job), job.algorithm.first_order_steps)
-    algorithm = build_algorithm(job.algorithm.name, train_inner_loop(job))
-    return lambda step: algorithm
+def build_job_algorithm(job: JobConfig) -> Algorithm:
+    return build_algorithm(job.algorithm.name, train_inner_loop(job))
 
 
 def build_job_optimizer(job: JobConfig) -> Optimizer:

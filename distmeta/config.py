@@ -90,7 +90,6 @@ class AlgorithmConfig:
     inner_steps: int = 1  # inner steps during meta-training
     inner_optimizer: str = choice("sgd", "adam", default="sgd")  # adam: first-order algorithms only
     adapt: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns of adapted params
-    first_order_steps: int = 0  # maml only: first-order for the first N meta-steps, then second-order
 
 
 @dataclass(frozen=True)
@@ -237,9 +236,6 @@ def _check_values(job: JobConfig) -> list[str]:
         (a.inner_optimizer == "sgd" or a.name != "maml", "algorithm.inner_optimizer",
          "adam needs a first-order algorithm (fomaml, reptile): √v has no derivative where a gradient is 0, "
          "so second-order MAML through it is NaN"),
-        (a.first_order_steps >= 0, "algorithm.first_order_steps", "must be >= 0"),
-        (a.first_order_steps == 0 or a.name == "maml", "algorithm.first_order_steps",
-         f"applies to maml only (it anneals second-order MAML's derivative order), not {a.name}"),
         (math.isfinite(job.optimizer.lr) and job.optimizer.lr > 0, "optimizer.lr", "must be finite and > 0"),
         (job.optimizer.schedule_steps is None or job.optimizer.schedule_steps >= 1, "optimizer.schedule_steps",
          "must be >= 1 or null (train.steps)"),

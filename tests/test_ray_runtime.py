@@ -72,12 +72,6 @@ def test_phi_after_five_steps_matches_in_process_for_1_2_3_workers(local_ray, tm
             assert torch.allclose(phi[name], value, rtol=0, atol=1e-6), (workers, name)
 
 
-def test_ray_workers_follow_the_first_order_warmup_like_the_in_process_run(local_ray, tmp_path):
-    warm = train(job(0, 4, "algorithm.first_order_steps=2"), tmp_path / "local")
-    assert train(job(1, 4, "algorithm.first_order_steps=2"), tmp_path / "ray")["phi_sha256"] == warm["phi_sha256"]
-    assert train(job(0, 4), tmp_path / "second_order")["phi_sha256"] != warm["phi_sha256"]
-
-
 class FaultyRuntime(RayRuntime):
     """Before step ``at`` is computed: kill a worker or the server (Ray restarts either),
     crash the driver, or push a non-finite slice to the server; or kill the server after

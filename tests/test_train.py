@@ -8,13 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distmeta.algorithms import build_algorithm, compute_contribution
 from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
-from distmeta.components import build_job_algorithm, build_model, build_sampler, train_inner_loop
+from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import load_job
 from distmeta.runtime import LocalExecutor, LocalRuntime
-from distmeta.runtime.local import initial_phi
 from distmeta.storage import Location
 from distmeta.train import NonFiniteError, train
 
@@ -91,20 +89,6 @@ def test_a_crashed_run_resumed_from_the_cli_ends_with_the_same_phi(tmp_path, cap
     assert resumed["test_mse"] == full["test_mse"] and resumed["steps"] == 30
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "crashed" / "metrics.csv"))]
     assert steps == [5, 10, 15, 20, 25, 30]  # rows logged after the checkpoint were recomputed, not duplicated
-
-
-def test_first_order_steps_compute_first_order_maml_until_then_second_order():
-    job = sinusoid_job(10, "algorithm.first_order_steps=2")
-    model = build_model(job)
-    executor = LocalExecutor(model, build_job_algorithm(job), build_sampler(job), "batched")
-    phi, meta_batch = initial_phi(job, model), job.train.meta_batch
-    for step, expected, other in ((0, "fomaml", "maml"), (1, "fomaml", "maml"), (2, "maml", "fomaml"), (7, "maml", "fomaml")):
-        got = executor.contribution(phi, step, meta_batch).grad_sum
-        tasks = executor.tasks(step, 0, meta_batch)
-        want, unlike = (compute_contribution(build_algorithm(name, train_inner_loop(job)), model, phi, tasks, "batched").grad_sum
-                        for name in (expected, other))
-        assert all(torch.equal(got[n], want[n]) for n in got), step
-        assert not all(torch.allclose(got[n], unlike[n]) for n in got), step
 
 
 def test_resuming_a_finished_run_logs_no_row_twice(tmp_path):

@@ -4,10 +4,8 @@ from distmeta.algorithms.inner import InnerLoop, adapt, adaptation_curve
 from distmeta.algorithms.meta import (
     ALGORITHMS,
     Algorithm,
-    AlgorithmSchedule,
     TaskLosses,
     build_algorithm,
-    first_order_warmup,
     maml,
     pretrain,
     reptile,
@@ -17,7 +15,6 @@ from distmeta.algorithms.paths import PATHS, compiled, compute_contribution, sum
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
-    "AlgorithmSchedule",
     "InnerLoop",
     "PATHS",
     "TaskLosses",
@@ -26,7 +23,6 @@ __all__ = [
     "build_algorithm",
     "compiled",
     "compute_contribution",
-    "first_order_warmup",
     "maml",
     "pretrain",
     "reptile",

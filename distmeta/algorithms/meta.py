@@ -94,20 +94,6 @@ def pretrain() -> Algorithm:
     return Algorithm("pretrain", contribution)
 
 
-AlgorithmSchedule = Callable[[int], Algorithm]
-"""The algorithm that computes meta-step ``step``: executors look it up per step, so a
-schedule holds wherever and in whatever order the steps run (workers, resumes)."""
-
-
-def first_order_warmup(inner: InnerLoop, first_order_steps: int) -> AlgorithmSchedule:
-    """First-order MAML for the first ``first_order_steps`` meta-steps, second-order after:
-    MAML++'s derivative-order annealing (Antoniou et al., 2019). A first-order step costs about
-    half a second-order one, so a fixed time budget buys more steps, while the final steps
-    still optimise the second-order objective."""
-    first, second = maml(inner, first_order=True), maml(inner)
-    return lambda step: first if step < first_order_steps else second
-
-
 ALGORITHMS: dict[str, Callable[[InnerLoop], Algorithm]] = {
     "maml": lambda inner: maml(inner),
     "fomaml": lambda inner: maml(inner, first_order=True),

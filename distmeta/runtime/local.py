@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from distmeta.algorithms import Algorithm, AlgorithmSchedule, compiled, compute_contribution
+from distmeta.algorithms import Algorithm, compiled, compute_contribution
 from distmeta.checkpoint import save_checkpoint
 from distmeta.components import build_job_algorithm, build_job_optimizer, build_model, build_sampler
 from distmeta.config import JobConfig, job_to_dict
@@ -97,12 +97,10 @@ def checkpoint_state(job: JobConfig, store_state: dict[str, Any], path: str | No
 class LocalExecutor:
     """Runs the algorithm on this process's device, choosing the fastest path if asked."""
 
-    def __init__(self, model: TaskModel, algorithm_at: AlgorithmSchedule, sampler: TaskSampler, path: str = "auto",
+    def __init__(self, model: TaskModel, algorithm: Algorithm, sampler: TaskSampler, path: str = "auto",
                  precision: str = "fp32", device: torch.device | str = "cpu", compile: bool = False) -> None:
-        """``algorithm_at(step)`` is the algorithm of meta-step ``step``; ``compile`` runs the
-        batched path with a compiled loss (``path`` auto then means batched)."""
-        self.model, self.algorithm_at, self.sampler = model, algorithm_at, sampler
-        self.algorithm_name: str | None = None  # of the last step computed, to log a change
+        """``compile`` runs the batched path with a compiled loss (``path`` auto then means batched)."""
+        self.model, self.algorithm, self.sampler = model, algorithm, sampler
         self.precision, self.device = precision, torch.device(device)
         self.path = "batched" if compile else path
         self.compiled_loss = compiled(model.batched_loss) if compile else None
@@ -115,27 +113,23 @@ class LocalExecutor:
 
     def slice_contribution(self, phi: Params, step: int, start: int, stop: int) -> Contribution:
         """The contribution of tasks ``start..stop-1`` of meta-step ``step`` (what a worker computes)."""
-        tasks, algorithm = self.tasks(step, start, stop), self.algorithm_at(step)
-        if algorithm.name != self.algorithm_name:
-            if self.algorithm_name is not None:
-                log.info("step %d: %s from here on", step, algorithm.name)
-            self.algorithm_name = algorithm.name
+        tasks = self.tasks(step, start, stop)
         if self.path == "auto":
-            self.path = self.fastest_path(phi, tasks, algorithm)
+            self.path = self.fastest_path(phi, tasks)
         with precision_context(self.precision, self.device):
-            return compute_contribution(algorithm, self.model, phi, tasks, self.path, self.compiled_loss)
+            return compute_contribution(self.algorithm, self.model, phi, tasks, self.path, self.compiled_loss)
 
-    def fastest_path(self, phi: Params, tasks: TaskBatch, algorithm: Algorithm, repeats: int = 2) -> str:
+    def fastest_path(self, phi: Params, tasks: TaskBatch, repeats: int = 2) -> str:
         """Time each candidate path on real tasks (after a warm-up) and keep the fastest."""
         timings = {}
         for path in AUTO_CANDIDATES:
             with precision_context(self.precision, self.device):
-                compute_contribution(algorithm, self.model, phi, tasks, path)
+                compute_contribution(self.algorithm, self.model, phi, tasks, path)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
                 for _ in range(repeats):
-                    compute_contribution(algorithm, self.model, phi, tasks, path)
+                    compute_contribution(self.algorithm, self.model, phi, tasks, path)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
             timings[path] = (time.perf_counter() - start) / repeats

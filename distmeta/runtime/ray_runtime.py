@@ -196,10 +196,9 @@ class TaskWorker:
             done += 1
         return done
 
-    def choose_path(self, phi: list[ray.ObjectRef], step: int, start: int, stop: int) -> str:
-        """Time the candidate paths on tasks ``start..stop-1`` of ``step``; returns the fastest."""
-        return self.executor.fastest_path(self._phi(phi[0]), self.executor.tasks(step, start, stop),
-                                          self.executor.algorithm_at(step))
+    def choose_path(self, phi: list[ray.ObjectRef], start: int, stop: int) -> str:
+        """Time the candidate paths on tasks ``start..stop-1`` of step 0; returns the fastest."""
+        return self.executor.fastest_path(self._phi(phi[0]), self.executor.tasks(0, start, stop))
 
     def identity(self) -> tuple[str, int]:
         """(Ray node id, process id): where this worker runs now."""
@@ -263,8 +262,7 @@ class RayRuntime:
             status = self.last = ray.get(self.server.status.remote())
             self.version, self.server_pid = status["version"], status["pid"]
             if self.path == "auto":  # every worker must run the same arithmetic: worker 0 picks
-                self.path = ray.get(self.workers[0].choose_path.remote(status["phi"], status["version"],
-                                                                              *self.slices[0]))
+                self.path = ray.get(self.workers[0].choose_path.remote(status["phi"], *self.slices[0]))
             self.rejected, self.stale, self.restarts = status["rejected"], status["stale"], {"workers": 0, "server": 0}
         except BaseException:  # leave nothing behind: actors, reservation
             self.close()
