@@ -18,7 +18,15 @@ from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
 from distmeta.compare.config import DecodeConfig, FinetuneConfig, PretrainConfig, load_compare, pretrain_job
 from distmeta.compare.finetune import finetune, finetune_on_dev, token_batches, translate
-from distmeta.compare.pipeline import compare, is_current, result_file, run_settings, runs
+from distmeta.compare.pipeline import (
+    compare,
+    distinct_budgets,
+    is_current,
+    result_file,
+    run_settings,
+    runs,
+    training_tokens,
+)
 from distmeta.compare.pretrain import run_pretraining
 from distmeta.components import build_model, transformer_size
 from distmeta.config import ConfigError, load_job
@@ -181,12 +189,12 @@ def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp
         if row["budget"] == "3000":  # fine-tuning beats its own starting point on dev chrF
             assert row["dev_chrf"] > row["start_dev_chrf"], row
             assert row["steps"] > 0 and 2500 < row["train_tokens"] <= 3000
-        assert row["bleu_ci95"] is not None and 0 <= row["chrf"] <= 100
+        assert row["bleu_ci95"] is not None and 0 <= row["chrf"] <= 100 and row["budgets"] == [row["budget"]]
         assert (row["bleu_p_vs_pretrain"] is None) == (row["init"] == "pretrain")
     assert (folder / "learning_curves.png").stat().st_size > 10_000 and "p (MAML vs pre)" in (folder / "report.md").read_text()
 
-    spec, _ = load_compare(SMOKE)
-    files = {r: result_file(folder, *r) for r in runs(spec)}
+    spec, job = load_compare(SMOKE)
+    files = {r: result_file(folder, *r) for r in runs(spec, training_tokens(job, spec.targets))}
     stamps = {r: f.stat().st_mtime_ns for r, f in files.items()}
     redo = ("lav", "maml", 3000, 0)
     files[redo].unlink()
@@ -201,6 +209,16 @@ def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp
     changed = write_compare(tmp_path, finetune={**yaml.safe_load(SMOKE.read_text())["finetune"], "lr": 0.002})
     with pytest.raises(FileNotFoundError, match="made under other finetune/decode settings"):
         compare(changed, folder, stage="report")  # results of the old settings are never reported as the new
+
+
+def test_budgets_that_hold_all_of_a_target_s_pairs_are_one_run():
+    spec, _ = load_compare(SMOKE, ["finetune.budgets=[all, 0, 4000, 16000, 64000]", "finetune.seeds=[0, 1]"])
+    tokens = {"ron": 55_852, "lav": 9_548}
+    assert distinct_budgets(spec, tokens)["ron"] == {64000: [None, 64000], 0: [0], 4000: [4000], 16000: [16000]}
+    assert distinct_budgets(spec, tokens)["lav"] == {16000: [None, 16000, 64000], 0: [0], 4000: [4000]}
+    assert len(runs(spec, tokens)) == 3 * (7 + 5)  # (budget 0 once + 3 or 2 budgets x 2 seeds) x 3 inits
+    exact, _ = load_compare(SMOKE, ["finetune.budgets=[9548, all]"])
+    assert distinct_budgets(exact, tokens)["lav"] == {9548: [9548, None]}  # the budget that is exactly all of it
 
 
 @needs_data

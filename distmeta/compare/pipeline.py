@@ -5,7 +5,8 @@ low-resource translation (Gu et al. 2018), as cached, resumable stages on one Ra
     meta      meta-training on the sources: a ``train`` run on the parameter-server runtime
     pretrain  the equal-budget multilingual baseline on Ray Train
     finetune  every (target, budget, seed, initialisation) fine-tuned, then its dev and test
-              sentences translated: one Ray task each, in parallel, each result one file
+              sentences translated: one Ray task each, in parallel, each result one file;
+              budgets that hold all of a target's pairs are one run
     report    sacrebleu BLEU / chrF with 95% CIs and paired bootstrap, report.md,
               results.json and the learning-curve PNG
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -100,7 +102,8 @@ def _as_current(recorded: dict | None) -> dict | None:
 def _data(job: JobConfig, languages: list[str]) -> tuple[Any, TranslationTasks]:
     """The shared tokeniser and tasks over ``languages`` (from the cached store)."""
     t = job.task
-    pipeline, store = prepare_translation(translation_source(job), t.vocab_languages, t.vocab, Path(job.data.cache))
+    cache = Path(job.data.cache) if job.data.cache else default_cache_dir()
+    pipeline, store = prepare_translation(translation_source(job), t.vocab_languages, t.vocab, cache)
     return pipeline, TranslationTasks(open_store(store), languages, t.support_tokens, t.query_tokens, t.max_len, job.seed)
 
 
@@ -181,10 +184,34 @@ def _without_run_lists(settings: dict[str, Any] | None) -> dict[str, Any] | None
     return {**settings, "finetune": {k: v for k, v in settings["finetune"].items() if k not in ("budgets", "seeds")}}
 
 
-def runs(spec: CompareConfig) -> list[tuple[str, str, int | None, int]]:
-    """Every (target, init, budget, seed) fine-tuning run; budget 0 (no training) once, seed-free."""
-    return [(target, init, budget, seed) for target in spec.targets for budget in spec.budget_tokens()
-            for seed in (spec.finetune.seeds[:1] if budget == 0 else spec.finetune.seeds) for init in INITS]
+def training_tokens(job: JobConfig, targets: list[str]) -> dict[str, int]:
+    """Each target's training tokens (what a budget of "all" trains on)."""
+    _, tasks = _data(job, targets)
+    return {target: tasks.target_tokens(tasks.rows(target, "train")) for target in targets}
+
+
+def distinct_budgets(spec: CompareConfig, tokens: dict[str, int]) -> dict[str, dict[int | None, list[int | None]]]:
+    """Per target, each budget that is run → the requested budgets its result stands for.
+
+    Budgets are prefixes of one order of a target's pairs, so every budget at or above its
+    training tokens trains on all of them: only the smallest of those runs.
+    """
+    out: dict[str, dict[int | None, list[int | None]]] = {}
+    for target in spec.targets:
+        covering = [b for b in spec.budget_tokens() if b is None or b >= tokens[target]]
+        smallest = min(covering, key=lambda b: math.inf if b is None else b, default=None)
+        out[target] = {}
+        for budget in spec.budget_tokens():
+            out[target].setdefault(smallest if budget in covering else budget, []).append(budget)
+    return out
+
+
+def runs(spec: CompareConfig, tokens: dict[str, int]) -> list[tuple[str, str, int | None, int]]:
+    """Every distinct (target, init, budget, seed) fine-tuning run, given each target's
+    training ``tokens``; budget 0 (no training) once, seed-free."""
+    return [(target, init, budget, seed) for target, budgets in distinct_budgets(spec, tokens).items()
+            for budget in budgets for seed in (spec.finetune.seeds[:1] if budget == 0 else spec.finetune.seeds)
+            for init in INITS]
 
 
 def stage_finetune(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
@@ -192,8 +219,9 @@ def stage_finetune(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
 
     inits = {name: ray.put(initialisation(name, job, folder)) for name in INITS}
     remote = ray.remote(num_cpus=spec.finetune.cpus, num_gpus=spec.finetune.gpus, max_retries=2)(finetune_run)
-    todo = [r for r in runs(spec) if not is_current(result_file(folder, *r), run_settings(spec))]
-    log.info("compare: %d fine-tuning runs, %d already done", len(runs(spec)), len(runs(spec)) - len(todo))
+    every = runs(spec, training_tokens(job, spec.targets))
+    todo = [r for r in every if not is_current(result_file(folder, *r), run_settings(spec))]
+    log.info("compare: %d fine-tuning runs, %d already done", len(every), len(every) - len(todo))
     pending = {remote.remote(asdict(spec), job_to_dict(job), inits[init], target, init, budget, seed,
                              str(result_file(folder, target, init, budget, seed))): (target, init, budget, seed)
                for target, init, budget, seed in todo}
@@ -252,14 +280,16 @@ def references(job: JobConfig, target: str, split: str, count: int) -> tuple[lis
 def stage_report(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
     from distmeta.compare.report import write_report
 
-    missing = [r for r in runs(spec) if not is_current(result_file(folder, *r), run_settings(spec))]
+    tokens = training_tokens(job, spec.targets)
+    every = runs(spec, tokens)
+    missing = [r for r in every if not is_current(result_file(folder, *r), run_settings(spec))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} fine-tuning result(s) missing or made under other finetune/decode "
                                 f"settings (e.g. {result_file(folder, *missing[0])}); run --stage finetune first")
-    results = {r: json.loads(result_file(folder, *r).read_text()) for r in runs(spec)}
+    results = {r: json.loads(result_file(folder, *r).read_text()) for r in every}
     refs = {(target, split): references(job, target, split, count)[1] for target in spec.targets
             for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs))}
-    write_report(spec, job, folder, results, refs)
+    write_report(spec, job, folder, results, refs, distinct_budgets(spec, tokens))
 
 
 STAGE_FUNCTIONS = {"prepare": stage_prepare, "meta": stage_meta, "pretrain": stage_pretrain,

@@ -23,6 +23,7 @@ from distmeta.config import JobConfig  # noqa: E402
 
 BASELINE = "pretrain"  # what MAML must beat
 RunKey = tuple[str, str, Any, int]  # (target, init, budget tokens or None, seed)
+Budgets = dict[str, dict[Any, list[Any]]]  # target → budget run → the requested budgets it stands for
 
 
 def score_budget(hypotheses: dict[str, list[str]], refs: list[str], bootstrap: int) -> dict[str, dict[str, Any]]:
@@ -45,11 +46,12 @@ def score_budget(hypotheses: dict[str, list[str]], refs: list[str], bootstrap: i
 
 
 def write_report(spec: CompareConfig, job: JobConfig, folder: Path, results: dict[RunKey, dict[str, Any]],
-                 refs: dict[tuple[str, str], list[str]]) -> dict[str, Any]:
-    """Score every run, write results.json, report.md and learning_curves.png into ``folder``."""
+                 refs: dict[tuple[str, str], list[str]], budgets: Budgets) -> dict[str, Any]:
+    """Score every run, write results.json, report.md and learning_curves.png into ``folder``.
+    A row per distinct run: its ``budgets`` are the requested budgets it stands for."""
     rows = []
     for target in spec.targets:
-        for budget in spec.budget_tokens():
+        for budget, serves in budgets[target].items():
             for seed in spec.finetune.seeds[:1] if budget == 0 else spec.finetune.seeds:
                 runs = {init: results[target, init, budget, seed] for init in INITS}
                 test_refs, dev_refs = refs[target, "test"], refs[target, "dev"]
@@ -60,7 +62,8 @@ def write_report(spec: CompareConfig, job: JobConfig, folder: Path, results: dic
                 starts = {i: results[target, i, 0, spec.finetune.seeds[0]]["dev_hypotheses"] for i in INITS} \
                     if 0 in spec.budget_tokens() else None
                 for init, run in runs.items():
-                    row = {"target": target, "budget": budget_name(budget), "seed": seed, "init": init,
+                    row = {"target": target, "budget": budget_name(budget), "budgets": [budget_name(b) for b in serves],
+                           "seed": seed, "init": init,
                            "train_pairs": run["train_pairs"], "train_tokens": run["train_tokens"], "steps": run["steps"],
                            "best_step": run["best_step"], "lr": run["lr"], "dev_loss": run["dev_loss"],
                            "start_dev_loss": run["start_dev_loss"], **scores[init],
@@ -85,7 +88,7 @@ def plot_curves(spec: CompareConfig, rows: list[dict[str, Any]], path: Path) -> 
     figure, axes = plt.subplots(1, len(spec.targets), figsize=(3.2 * len(spec.targets), 3.2), squeeze=False, sharey=True)
     for axis, target in zip(axes[0], spec.targets):
         for init in INITS:
-            points = [[r for r in rows if (r["target"], r["init"], r["budget"]) == (target, init, b)] for b in budgets]
+            points = [[r for r in rows if (r["target"], r["init"]) == (target, init) and b in r["budgets"]] for b in budgets]
             means = [sum(r["bleu"] for r in p) / len(p) for p in points]
             errors = [sum(r["bleu_ci95"] for r in p) / len(p) for p in points]
             axis.errorbar(range(len(budgets)), means, yerr=errors, marker="o", capsize=3, label=init)
@@ -114,12 +117,13 @@ def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]]) ->
              "| target | budget (tokens) | seed | MAML BLEU | pre-train BLEU | random BLEU | p (MAML vs pre) | MAML chrF | "
              "pre-train chrF | random chrF | p (chrF) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     keyed = {(r["target"], r["budget"], r["seed"], r["init"]): r for r in rows}
+    names = {(r["target"], r["budget"]): ", ".join(r["budgets"]) for r in rows}
     for target, budget, seed in dict.fromkeys((r["target"], r["budget"], r["seed"]) for r in rows):
         by = {i: keyed[target, budget, seed, i] for i in INITS}
         cells = [f"{by[i]['bleu']:.2f} ± {by[i]['bleu_ci95']:.2f}" for i in ("maml", "pretrain", "random")]
         chrf = [f"{by[i]['chrf']:.1f} ± {by[i]['chrf_ci95']:.1f}" for i in ("maml", "pretrain", "random")]
         p_bleu, p_chrf = by["maml"]["bleu_p_vs_pretrain"], by["maml"]["chrf_p_vs_pretrain"]
-        tokens = f"{budget} ({by['maml']['train_tokens']})" if budget != "0" else "0"
+        tokens = f"{names[target, budget]} ({by['maml']['train_tokens']})" if budget != "0" else "0"
         lines.append(f"| {target} | {tokens} | {seed} | {' | '.join(cells)} | {p_bleu:.4f} | {' | '.join(chrf)} | {p_chrf:.4f} |")
     lines += ["", "Dev chrF of the initialisation → after fine-tuning (updates to the best check, Adam rate):", "",
               "| target | budget | seed | MAML | pre-train | random |", "|---|---|---|---|---|---|"]
@@ -127,6 +131,6 @@ def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]]) ->
         by = {i: keyed[target, budget, seed, i] for i in INITS}
         cells = [f"{by[i].get('start_dev_chrf', float('nan')):.1f} → {by[i]['dev_chrf']:.1f} ({by[i]['best_step']}, {by[i]['lr']:g})"
                  for i in ("maml", "pretrain", "random")]
-        lines.append(f"| {target} | {budget} | {seed} | {' | '.join(cells)} |")
+        lines.append(f"| {target} | {names[target, budget]} | {seed} | {' | '.join(cells)} |")
     lines += ["", "![test BLEU against fine-tuning budget](learning_curves.png)", ""]
     return "\n".join(lines)
