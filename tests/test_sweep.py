@@ -79,13 +79,14 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_pat
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not list(out.glob("trials/*/summary.json")):  # the first trial finished
+    while not any("done: " in log.read_text() for log in out.glob("trials/*/train.log")):  # a trial finished:
         assert driver.poll() is None and time.monotonic() < deadline, "the sweep ended or stalled before a trial finished"
-        time.sleep(0.5)
+        time.sleep(0.5)  # its summary.json is written just before that line
     time.sleep(2)  # let Tune record the finished trial
     kill(process_tree(driver.pid))  # the driver and the local Ray it started, as a crash would
     driver.wait()
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/summary.json")}
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/summary.json")
+                if "done: " in (p.parent / "train.log").read_text()}  # (a kill may fall between the two)
     assert main(["sweep", str(SMOKE), "--out", str(out), "--resume"]) == 0
     assert len(read_results(out)) == 8
     for trial, mtime in finished.items():
