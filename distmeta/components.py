@@ -52,6 +52,11 @@ def build_job_optimizer(job: JobConfig) -> Optimizer:
     return build_optimizer(o.name, schedule(o.schedule, o.lr, o.schedule_steps or job.train.steps))
 
 
+def data_cache(job: JobConfig) -> Path:
+    """Where preprocessed data is cached: ``data.cache``, else the default cache folder."""
+    return Path(job.data.cache) if job.data.cache else default_cache_dir()
+
+
 def build_sampler(job: JobConfig) -> TaskSampler:
     """The job's task sampler for meta-training.
 
@@ -63,8 +68,7 @@ def build_sampler(job: JobConfig) -> TaskSampler:
     if t.dataset == "sinusoid":
         return SinusoidTasks(shots=t.shots, queries=t.queries, seed=job.seed)
     if t.dataset == "translation":
-        cache = Path(job.data.cache) if job.data.cache else default_cache_dir()
-        _, store = prepare_translation(translation_source(job), t.vocab_languages or t.languages, t.vocab, cache)
+        _, store = prepare_translation(translation_source(job), t.vocab_languages or t.languages, t.vocab, data_cache(job))
         return TranslationTasks(open_store(store), t.languages, t.support_tokens, t.query_tokens, t.max_len, job.seed)
     data = load_omniglot(job.data.omniglot, job.data.cache)
     return OmniglotTasks(data, ways=t.ways, shots=t.shots, queries=t.queries, protocol=t.protocol,

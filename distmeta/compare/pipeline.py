@@ -29,9 +29,8 @@ import torch
 
 from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.compare.config import INITS, CompareConfig, budget_name, load_compare, pretrain_job
-from distmeta.components import build_model, transformer_size, translation_source
+from distmeta.components import build_model, data_cache, transformer_size, translation_source
 from distmeta.config import ConfigError, JobConfig, job_from_dict, job_to_dict
-from distmeta.data.omniglot import default_cache_dir
 from distmeta.data.translation import TranslationTasks, open_store, prepare_translation, read_source
 
 log = logging.getLogger("distmeta.compare")
@@ -72,7 +71,7 @@ def _resolved_data(job: JobConfig) -> JobConfig:
     """The job with its data files and cache folder as absolute paths, so that Ray workers
     read the same files wherever their environment points."""
     source = translation_source(job)
-    cache = str((Path(job.data.cache) if job.data.cache else default_cache_dir()).absolute())
+    cache = str(data_cache(job).absolute())
     if isinstance(source, str):
         return replace(job, data=replace(job.data, translation=str(Path(source).absolute()), cache=cache))
     files = [{**entry, "src": str(Path(entry["src"]).absolute()), "tgt": str(Path(entry["tgt"]).absolute())}
@@ -102,8 +101,7 @@ def _as_current(recorded: dict | None) -> dict | None:
 def _data(job: JobConfig, languages: list[str]) -> tuple[Any, TranslationTasks]:
     """The shared tokeniser and tasks over ``languages`` (from the cached store)."""
     t = job.task
-    cache = Path(job.data.cache) if job.data.cache else default_cache_dir()
-    pipeline, store = prepare_translation(translation_source(job), t.vocab_languages, t.vocab, cache)
+    pipeline, store = prepare_translation(translation_source(job), t.vocab_languages, t.vocab, data_cache(job))
     return pipeline, TranslationTasks(open_store(store), languages, t.support_tokens, t.query_tokens, t.max_len, job.seed)
 
 
