@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from distmeta.compare.pipeline import (
     training_tokens,
 )
 from distmeta.compare.pretrain import run_pretraining
+from distmeta.compare.report import markdown
 from distmeta.components import build_model, transformer_size
 from distmeta.config import ConfigError, load_job
 from distmeta.data.omniglot import default_cache_dir
@@ -169,7 +171,9 @@ def test_ray_train_pretraining_matches_the_in_process_run_and_continues_where_it
     train(job, tmp_path / "local")
     local = load_checkpoint(checkpoints(tmp_path / "local" / "checkpoints")[-1])["phi"]
     halfway = replace(job, train=replace(job.train, steps=3))
+    interrupt = signal.getsignal(signal.SIGINT)
     run_pretraining(halfway, tmp_path / "ray_pretrain", PretrainConfig(workers=2))
+    assert signal.getsignal(signal.SIGINT) is interrupt  # Ctrl-C still stops the stages after pre-training
     phi = run_pretraining(job, tmp_path / "ray_pretrain", PretrainConfig(workers=2))  # continues from step 3
     for name, value in local.items():
         assert torch.allclose(phi[name], value, rtol=0, atol=1e-5), name
@@ -192,6 +196,8 @@ def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp
         assert row["bleu_ci95"] is not None and 0 <= row["chrf"] <= 100 and row["budgets"] == [row["budget"]]
         assert (row["bleu_p_vs_pretrain"] is None) == (row["init"] == "pretrain")
     assert (folder / "learning_curves.png").stat().st_size > 10_000 and "p (MAML vs pre)" in (folder / "report.md").read_text()
+    made = json.loads((folder / "meta" / "summary.json").read_text())["steps"]
+    assert report["meta_updates"] == made and f"{made} updates of" in (folder / "report.md").read_text()
 
     spec, job = load_compare(SMOKE)
     files = {r: result_file(folder, *r) for r in runs(spec, training_tokens(job, spec.targets))}
@@ -209,6 +215,12 @@ def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp
     changed = write_compare(tmp_path, finetune={**yaml.safe_load(SMOKE.read_text())["finetune"], "lr": 0.002})
     with pytest.raises(FileNotFoundError, match="made under other finetune/decode settings"):
         compare(changed, folder, stage="report")  # results of the old settings are never reported as the new
+
+
+def test_the_report_states_the_updates_made_not_the_configured_ones():
+    spec, job = load_compare(SMOKE, ["overrides=[train.steps=5000, train.time_limit_s=80]"])
+    text = markdown(spec, job, [], updates=74)
+    assert "74 updates of" in text and "5000" not in text
 
 
 def test_budgets_that_hold_all_of_a_target_s_pairs_are_one_run():

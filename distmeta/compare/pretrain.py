@@ -11,6 +11,7 @@ newest one (Ray Train restores its own run state).
 from __future__ import annotations
 
 import logging
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -95,7 +96,11 @@ def run_pretraining(job: JobConfig, folder: Path, resources: PretrainConfig) -> 
                                      resources_per_worker={"CPU": resources.worker_cpus}),
         run_config=RunConfig(name=folder.name, storage_path=str(folder.parent.absolute()),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints)))
-    result = trainer.fit()
+    interrupt = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:  # fit() leaves its own Ctrl-C handler installed, which would swallow Ctrl-C in the stages after it
+        signal.signal(signal.SIGINT, interrupt)
     with result.checkpoint.as_directory() as saved:
         state = torch.load(Path(saved) / STATE_FILE, weights_only=False)
     if state["step"] != job.train.steps:
