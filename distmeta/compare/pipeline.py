@@ -129,14 +129,17 @@ def stage_pretrain(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
     if done.exists():
         log.info("compare: pre-training already finished (%s)", done)
         return
-    meta_summary = folder / "meta" / "summary.json"
-    if not meta_summary.exists():
+    if not (folder / "meta" / "summary.json").exists():
         raise FileNotFoundError(f"no finished meta-training in {folder / 'meta'} (pre-training matches its number "
                                 "of updates); run --stage meta first")
-    steps = json.loads(meta_summary.read_text())["steps"]
-    phi = run_pretraining(pretrain_job(job, steps), folder / "pretrain", spec.pretrain)
+    phi = run_pretraining(pretrain_job(job, meta_updates(folder)), folder / "pretrain", spec.pretrain)
     torch.save(phi, done.with_suffix(".tmp"))
     done.with_suffix(".tmp").replace(done)
+
+
+def meta_updates(folder: Path) -> int:
+    """The updates meta-training made (a time limit may stop it before ``train.steps``)."""
+    return json.loads((folder / "meta" / "summary.json").read_text())["steps"]
 
 
 def initialisation(name: str, job: JobConfig, folder: Path) -> dict[str, torch.Tensor]:
@@ -287,7 +290,7 @@ def stage_report(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
     results = {r: json.loads(result_file(folder, *r).read_text()) for r in every}
     refs = {(target, split): references(job, target, split, count)[1] for target in spec.targets
             for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs))}
-    write_report(spec, job, folder, results, refs, distinct_budgets(spec, tokens))
+    write_report(spec, job, folder, results, refs, distinct_budgets(spec, tokens), meta_updates(folder))
 
 
 STAGE_FUNCTIONS = {"prepare": stage_prepare, "meta": stage_meta, "pretrain": stage_pretrain,

@@ -46,9 +46,10 @@ def score_budget(hypotheses: dict[str, list[str]], refs: list[str], bootstrap: i
 
 
 def write_report(spec: CompareConfig, job: JobConfig, folder: Path, results: dict[RunKey, dict[str, Any]],
-                 refs: dict[tuple[str, str], list[str]], budgets: Budgets) -> dict[str, Any]:
+                 refs: dict[tuple[str, str], list[str]], budgets: Budgets, updates: int) -> dict[str, Any]:
     """Score every run, write results.json, report.md and learning_curves.png into ``folder``.
-    A row per distinct run: its ``budgets`` are the requested budgets it stands for."""
+    A row per distinct run: its ``budgets`` are the requested budgets it stands for.
+    ``updates``: the meta-updates made (fewer than ``train.steps`` when a time limit stopped them)."""
     rows = []
     for target in spec.targets:
         for budget, serves in budgets[target].items():
@@ -72,12 +73,12 @@ def write_report(spec: CompareConfig, job: JobConfig, folder: Path, results: dic
                         row["start_dev_chrf"] = CHRF().corpus_score(starts[init], [dev_refs]).score
                     rows.append(row)
     report = {"name": spec.name, "targets": spec.targets, "sources": spec.sources, "budgets": spec.finetune.budgets,
-              "seeds": spec.finetune.seeds, "test_pairs": spec.decode.test_pairs, "dev_pairs": spec.decode.dev_pairs,
+              "seeds": spec.finetune.seeds, "meta_updates": updates, "test_pairs": spec.decode.test_pairs, "dev_pairs": spec.decode.dev_pairs,
               "beam": spec.decode.beam, "bootstrap": spec.bootstrap, "machine": f"{platform.node()} {platform.machine()}",
               "rows": rows}
     (folder / "results.json").write_text(json.dumps(report, indent=2))
     plot_curves(spec, rows, folder / "learning_curves.png")
-    (folder / "report.md").write_text(markdown(spec, job, rows))
+    (folder / "report.md").write_text(markdown(spec, job, rows, updates))
     return report
 
 
@@ -102,11 +103,11 @@ def plot_curves(spec: CompareConfig, rows: list[dict[str, Any]], path: Path) -> 
     plt.close(figure)
 
 
-def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]]) -> str:
+def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]], updates: int) -> str:
     m, t = job.model, job.task
     lines = [f"# {spec.name}: MAML vs multilingual pre-training for low-resource translation", "",
              f"Meta-training: {job.algorithm.name} on {len(spec.sources)} source languages ({', '.join(spec.sources)}), "
-             f"{job.train.steps} updates of {job.train.meta_batch} tasks, support/query {t.support_tokens}/{t.query_tokens} "
+             f"{updates} updates of {job.train.meta_batch} tasks, support/query {t.support_tokens}/{t.query_tokens} "
              f"target tokens. Pre-training: the same updates, tasks and tokens, jointly (Ray Train). Transformer "
              f"{m.dim}-d, {m.layers}+{m.layers} layers, {t.vocab} pieces. Fine-tuning: Adam at "
              f"{' or '.join(f'{r:g}' for r in spec.finetune.rates())} (chosen on dev loss per run), "
