@@ -80,6 +80,26 @@ def test_non_finite_slices_are_rejected_counted_and_never_applied():
     assert store.submit(0, 0, part(0, 2)) == "applied"
 
 
+def test_sync_rejects_a_step_s_non_finite_slices_when_it_completes_and_keeps_the_finite_ones():
+    store = ParameterStore(params(), sgd(0.1), meta_batch=6, slices=3)
+    before, bad = store.flat.clone(), part(1, 2)
+    bad.grad_sum[3] = float("inf")
+    assert store.submit(0, 0, part(0, 2)) == "pending"
+    assert store.submit(0, 1, bad) == "pending"  # found when the sum is checked, at the step's last slice
+    assert store.submit(0, 2, part(2, 2)) == "rejected"
+    assert store.rejected == 1 and store.version == 0 and torch.equal(store.flat, before)
+    assert store.submit(0, 0, part(0, 2)) == "duplicate" and store.submit(0, 2, part(2, 2)) == "duplicate"
+    assert store.submit(0, 1, part(1, 2)) == "applied"  # the recomputed slice completes the step
+    twin = ParameterStore(params(), sgd(0.1), meta_batch=6, slices=3)
+    for i in range(3):
+        twin.submit(0, i, part(i, 2))
+    assert torch.equal(store.flat, twin.flat)
+    huge = ParameterStore(params(), sgd(0.1), meta_batch=4, slices=2)
+    big = FlatContribution(torch.full((41,), 3e38), 2, {})
+    assert huge.submit(0, 0, big) == "pending" and huge.submit(0, 1, big) == "rejected"  # finite parts, inf sum
+    assert huge.rejected == 2 and huge.submit(0, 0, part(0, 2)) == "pending"  # both are awaited again
+
+
 def test_an_update_that_makes_phi_non_finite_raises_and_the_store_can_never_be_saved_or_used_again():
     store = ParameterStore(params(), sgd(1e10), meta_batch=1)
     with pytest.raises(NonFiniteError, match="non-finite updated Φ at step 0"):

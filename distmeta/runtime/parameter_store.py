@@ -131,6 +131,8 @@ class ParameterStore:
         self.failure: str | None = None  # why this store may no longer be used or saved
         self.records: list[StepRecord] = []
         self._parts: dict[int, FlatContribution] = {}  # sync: this step's slices by index
+        self._prefix: FlatContribution | None = None  # sync: the sum of slices 0..k-1 of this step, once all are in
+        self._prefix_count = 0  # k
         self._pending: FlatContribution | None = None  # async: the running sum towards the next step
 
     def phi(self) -> Params:
@@ -147,13 +149,14 @@ class ParameterStore:
         Returns one of ``applied`` (this slice completed a step), ``pending`` (kept, the
         step waits for more), ``duplicate`` (a retried slice already here; ignored),
         ``stale`` (computed at a Φ this store no longer accepts; dropped) or ``rejected``
-        (non-finite; dropped).
+        (non-finite: dropped; in sync mode, said when the step's last slice arrives, and the
+        step waits for the non-finite slices again).
 
         Raises:
             NonFiniteError: the update itself made Φ non-finite, now or at an earlier submit.
         """
         self._check_usable()
-        if not _finite(part.grad_sum) or not all(math.isfinite(v) for v in part.metrics.values()):
+        if not all(math.isfinite(v) for v in part.metrics.values()):
             self.rejected += 1
             return "rejected"
         if self.mode == "sync":
@@ -162,19 +165,45 @@ class ParameterStore:
             if index in self._parts:
                 return "duplicate"
             self._parts[index] = part
+            self._extend_prefix()
             if len(self._parts) < self.slices:
                 return "pending"
-            ordered = [self._parts[i] for i in range(self.slices)]
-            self._parts = {}
-            return self._apply(_sum(ordered))
+            total = self._prefix
+            if not _finite(total.grad_sum):  # one pass over the sum instead of one per slice
+                return self._reject_non_finite_parts()
+            self._parts, self._prefix, self._prefix_count = {}, None, 0
+            return self._apply(total)
+        if not _finite(part.grad_sum):
+            self.rejected += 1
+            return "rejected"
         if not 0 <= self.version - version <= self.staleness:  # too old, or from before a restart
             self.stale += 1
             return "stale"
-        self._pending = part if self._pending is None else _sum([self._pending, part])
+        self._pending = part if self._pending is None else _add(self._pending, part, owned=False)
         if self._pending.num_tasks < self.meta_batch:
             return "pending"
         total, self._pending = self._pending, None
         return self._apply(total)
+
+    def _extend_prefix(self) -> None:
+        """Add the slices that now continue the prefix of slices in task order: most of a
+        step's sum is done while its last slices are still on their way, and it is the same
+        left-to-right sum as when all are summed at the end."""
+        while self._prefix_count in self._parts:
+            part = self._parts[self._prefix_count]
+            self._prefix = part if self._prefix is None else _add(self._prefix, part, owned=self._prefix_count > 1)
+            self._prefix_count += 1
+
+    def _reject_non_finite_parts(self) -> str:
+        """Drop the step's non-finite slices (all of them if each is finite but their sum
+        overflows), so that the step waits for those to be recomputed."""
+        bad = [i for i, part in self._parts.items() if not _finite(part.grad_sum)] or list(self._parts)
+        for i in bad:
+            del self._parts[i]
+        self.rejected += len(bad)
+        self._prefix, self._prefix_count = None, 0
+        self._extend_prefix()
+        return "rejected"
 
     def _apply(self, total: FlatContribution) -> str:
         grads = total.grad_sum.to(self.flat.dtype) / total.num_tasks  # a new buffer: parts are never written
@@ -226,17 +255,13 @@ def _finite(flat: torch.Tensor) -> bool:
     return bool(torch.isfinite(flat.sum()))
 
 
-def _sum(parts: list[FlatContribution]) -> FlatContribution:
-    """Left to right in float32 (parts may travel as bfloat16), so the float sum is
-    reproducible. Never writes into a part (a part may be a read-only view of Ray's object
-    store); one part is returned as it is."""
-    if len(parts) == 1:
-        return parts[0]
-    grad = parts[0].grad_sum.float() + parts[1].grad_sum  # a new float32 buffer, then summed into in place
-    for part in parts[2:]:
-        grad += part.grad_sum
-    metrics: dict[str, float] = {}
-    for part in parts:
-        for k, v in part.metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v
-    return FlatContribution(grad, sum(p.num_tasks for p in parts), metrics)
+def _add(total: FlatContribution, part: FlatContribution, owned: bool) -> FlatContribution:
+    """``total`` + ``part`` in float32 (parts may travel as bfloat16), left to right so that the
+    float sum is reproducible: into ``total``'s buffer when it is ``owned`` (a sum made here),
+    else into a new one. Never writes into a part (a part may be a read-only view
+    of Ray's object store or of a shared buffer)."""
+    grad = total.grad_sum.add_(part.grad_sum) if owned else total.grad_sum.float() + part.grad_sum
+    metrics = dict(total.metrics)
+    for k, v in part.metrics.items():
+        metrics[k] = metrics.get(k, 0.0) + v
+    return FlatContribution(grad, total.num_tasks + part.num_tasks, metrics)
