@@ -15,8 +15,9 @@ MAML, conv4, meta-batch 32, Q = 15) on the per-task loop path, 1 torch thread pe
    MLP job sized to 0.1M-50M parameters) with 1, 2, 4 fake workers that fetch Φ and push a
    precomputed slice (no task compute), from the fan-out to the server's status showing the
    next version; the server's own timing of its apply (``ParameterStore.submit``) and publish
-   (``ray.put`` of Φ) gives the split. Once back to back, once with the fake workers waiting
-   ``--gap-ms`` in place of the compute (not counted), since real steps are spaced by compute.
+   (Φ written for the workers) gives the split. Once back to back, once with the fake workers
+   waiting ``--gap-ms`` in place of the compute (not counted), since real steps are spaced by
+   compute; each through the shared buffers a one-node sync run uses and through the object store.
 4. sync vs async (staleness 2) on 2 workers for the same wall-clock budget: tasks/s and
    meta-test accuracy (one seed).
 5-6. (device machine) 1/4/8 CPU workers; one GPU as 1 × 1, 2 × 0.5 or 4 × 0.25 GPU workers.
@@ -49,9 +50,11 @@ import torch
 
 from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import JobConfig, job_to_dict, load_job
+from distmeta.runtime import shared_slots
 from distmeta.runtime.local import LocalExecutor, LocalRuntime, initial_phi
 from distmeta.runtime.parameter_store import FlatContribution, FlatLayout
-from distmeta.runtime.ray_runtime import ALLOCATOR_ENV, ParameterServer, RayRuntime, RecentObjects, task_slices
+from distmeta.runtime.ray_runtime import ALLOCATOR_ENV, ParameterServer, RayRuntime, SliceChannel, task_slices
+from distmeta.runtime.shared_slots import SlotSpec
 from distmeta.storage import Location
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,21 +169,21 @@ class FakeWorker:
     """A task worker without the task compute: fetches Φ, waits ``compute_s`` in place of the
     compute, pushes a precomputed slice."""
 
-    def __init__(self, size: int, num_tasks: int, wire_dtype: torch.dtype) -> None:
+    def __init__(self, size: int, num_tasks: int, wire_dtype: torch.dtype, slots: SlotSpec | None) -> None:
         self.part = FlatContribution(torch.full((size,), 1e-3), num_tasks, {"loss": float(num_tasks)})
-        self.sent, self.wire_dtype = RecentObjects(), wire_dtype  # as a TaskWorker pushes
+        self.channel, self.wire_dtype = SliceChannel(slots), wire_dtype  # as a TaskWorker pushes
 
     def step(self, server: Any, version: int, phi: list[ray.ObjectRef], index: int,
              compute_s: float) -> tuple[float, float]:
         """(fetch, push) seconds: ``ray.get`` of Φ, then the push round trip (queueing behind the
         other pushes, transfer, and the apply + publish when this slice completes the step)."""
         start = time.perf_counter()
-        ray.get(phi[0])
+        self.channel.phi(phi[0])
         fetched = time.perf_counter()
         time.sleep(compute_s)
         pushed = time.perf_counter()
         part = self.part._replace(grad_sum=self.part.grad_sum.to(self.wire_dtype))  # a TaskWorker's cast
-        status = ray.get(server.push.remote(version, index, self.sent.put(part)))
+        status = self.channel.push(server, version, index, part)
         if status not in ("pending", "applied"):
             raise RuntimeError(f"push at version {version} answered {status!r}")
         return fetched - start, time.perf_counter() - pushed
@@ -195,17 +198,22 @@ def mlp_job(params: int) -> tuple[JobConfig, int]:
 
 
 def server_steps(job: JobConfig, params: int, workers: int, steps: int, compute_s: float,
-                 wire_dtype: torch.dtype) -> dict[str, list[float]]:
+                 wire: str, shared: bool) -> dict[str, list[float]]:
     """Sync steps of a real ``ParameterServer`` with fake workers: each step fans out the slices
     and ends when the server reports the version advanced; the pull of (version, Φ) before it is
     not timed (``RayRuntime`` takes them from the previous step's status), nor is ``compute_s``.
-    The apply and publish are the server's own timing of them. Two warm-up steps first."""
+    The apply and publish are the server's own timing of them. Two warm-up steps first.
+    ``shared``: slices and Φ go through shared buffers (as ``RayRuntime`` does on one node),
+    else through the object store."""
     slices = task_slices(job.train.meta_batch, workers)
     timings: dict[str, list[float]] = {"step_s": [], "fetch_s": [], "push_s": [], "apply_s": [], "publish_s": []}
-    with tempfile.TemporaryDirectory() as out:
+    slots = shared_slots.create(len(slices), params, WIRE_DTYPES[wire]) if shared else None
+    with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as cleanup:
+        if slots:
+            cleanup.callback(shared_slots.remove, slots)
         server = ParameterServer.options(num_cpus=0, runtime_env={"env_vars": ALLOCATOR_ENV}).remote(
-            job_to_dict(job), out, len(slices))
-        fakes = [FakeWorker.remote(params, b - a, wire_dtype) for a, b in slices]
+            job_to_dict(job), out, len(slices), slots)
+        fakes = [FakeWorker.remote(params, b - a, getattr(torch, WIRE_DTYPES[wire]), slots) for a, b in slices]
         ray.get([f.__ray_ready__.remote() for f in fakes] + [server.status.remote()])
         for i in range(2 + steps):
             version, phi = ray.get(server.pull.remote())
@@ -226,21 +234,24 @@ def server_steps(job: JobConfig, params: int, workers: int, steps: int, compute_
 
 
 def server_cost(sizes: list[str], workers: list[int], steps: dict[str, int], gaps_s: list[float],
-                wires: list[str]) -> list[dict[str, Any]]:
-    """Case 3: ms per sync step by model size, slice dtype, compute gap and worker count, with its split."""
+                wires: list[str], transports: list[str]) -> list[dict[str, Any]]:
+    """Case 3: ms per sync step by model size, slice dtype, transport, compute gap and worker
+    count, with its split. The transports of one configuration run back to back."""
     rows = []
     for name in sizes:
         job, params = mlp_job(PS_SIZES[name])
         for wire in wires:
             for gap in gaps_s:
                 for count in workers:
-                    timings = server_steps(job, params, count, steps[name], gap, getattr(torch, WIRE_DTYPES[wire]))
-                    medians_ms = {k.removesuffix("_s") + "_ms": 1000 * statistics.median(v) for k, v in timings.items()}
-                    row = {"size": name, "params": params, "hidden": job.model.hidden[0], "wire": wire, "workers": count,
-                           "compute_gap_ms": 1000 * gap, "steps": steps[name], **medians_ms, "all_s": timings}
-                    rows.append(row)
-                    print(f"  {name} ({params:,} params), {wire} slices, {1000 * gap:.0f} ms compute gap, {count} workers: "
-                          f"{row['step_ms']:.1f} ms/step", flush=True)
+                    for transport in transports:
+                        timings = server_steps(job, params, count, steps[name], gap, wire, transport == "shared")
+                        medians_ms = {k.removesuffix("_s") + "_ms": 1000 * statistics.median(v) for k, v in timings.items()}
+                        row = {"size": name, "params": params, "hidden": job.model.hidden[0], "wire": wire,
+                               "transport": transport, "workers": count, "compute_gap_ms": 1000 * gap,
+                               "steps": steps[name], **medians_ms, "all_s": timings}
+                        rows.append(row)
+                        print(f"  {name} ({params:,} params), {wire} slices via {transport}, {1000 * gap:.0f} ms compute "
+                              f"gap, {count} workers: {row['step_ms']:.1f} ms/step", flush=True)
     return rows
 
 
@@ -389,18 +400,19 @@ def print_throughput(t: dict[str, Any]) -> None:
 def print_server(server: list[dict[str, Any]]) -> None:
     print("\nParameter server, ms per sync step (median): step = fetch + push (push includes apply, publish),")
     print("the fake workers' compute gap not counted")
-    print(f"{'size':<5} {'params':>11} {'wire':>5} {'gap ms':>6} {'workers':>7} {'step':>8} {'fetch':>8} {'push':>8} "
-          f"{'apply':>8} {'publish':>8}")
+    print(f"{'size':<5} {'params':>11} {'wire':>5} {'via':>6} {'gap ms':>6} {'workers':>7} {'step':>8} {'fetch':>8} "
+          f"{'push':>8} {'apply':>8} {'publish':>8}")
     for row in server:
-        print(f"{row['size']:<5} {row['params']:>11,} {row['wire']:>5} {row['compute_gap_ms']:>6.0f} {row['workers']:>7} "
-              f"{row['step_ms']:>8.1f} {row['fetch_ms']:>8.1f} {row['push_ms']:>8.1f} {row['apply_ms']:>8.1f} "
-              f"{row['publish_ms']:>8.1f}")
+        print(f"{row['size']:<5} {row['params']:>11,} {row['wire']:>5} {row['transport']:>6} {row['compute_gap_ms']:>6.0f} "
+              f"{row['workers']:>7} {row['step_ms']:>8.1f} {row['fetch_ms']:>8.1f} {row['push_ms']:>8.1f} "
+              f"{row['apply_ms']:>8.1f} {row['publish_ms']:>8.1f}")
     for size, limit in PS_TARGET_MS.items():
-        for wire, gap in sorted({(row["wire"], row["compute_gap_ms"]) for row in server}):
+        for key in sorted({(row["wire"], row["transport"], row["compute_gap_ms"]) for row in server}):
             worst = max((row["step_ms"] for row in server
-                         if (row["size"], row["wire"], row["compute_gap_ms"]) == (size, wire, gap)), default=None)
+                         if (row["size"], row["wire"], row["transport"], row["compute_gap_ms"]) == (size, *key)),
+                        default=None)
             if worst is not None:
-                print(f"{size}, {wire} slices, {gap:.0f} ms gap: slowest {worst:.1f} ms/step "
+                print(f"{size}, {key[0]} slices via {key[1]}, {key[2]:.0f} ms gap: slowest {worst:.1f} ms/step "
                       f"(target < {limit:g} ms: {'met' if worst < limit else 'missed'})")
 
 
@@ -429,7 +441,9 @@ def main() -> None:
     parser.add_argument("--cases", default="1234", help="which cases to run, e.g. 3 (cases 1 and 2 run together); "
                         "5 (1/4/8 CPU workers) and 6 (GPU shares) are for a machine of 16 cores and a GPU; "
                         "7: translation tokens/s on 0-2 workers (needs $DISTMETA_TRANSLATION)")
-    parser.add_argument("--contributions", default="fp32,bf16", help="slice dtypes on the wire in case 3")
+    parser.add_argument("--contributions", default="fp32", help="slice dtypes on the wire in case 3: fp32, bf16")
+    parser.add_argument("--transports", default="shared,store",
+                        help="how slices and Φ travel in case 3: shared (buffers in /dev/shm), store (object store)")
     parser.add_argument("--sizes", help=f"model sizes of case 3, comma-separated, of {', '.join(PS_SIZES)}")
     parser.add_argument("--scaling-steps", type=int, default=8, help="timed steps per configuration in cases 5-7")
     parser.add_argument("--gap-ms", type=float, default=100.0,
@@ -458,7 +472,7 @@ def main() -> None:
         if "3" in args.cases:
             print("case 3: parameter-server cost", flush=True)
             results["server"] = server_cost(sizes, workers, ps_steps, [0.0, args.gap_ms / 1000],
-                                            args.contributions.split(","))
+                                            args.contributions.split(","), args.transports.split(","))
         if "4" in args.cases:
             print("case 4: sync vs async", flush=True)
             results["sync_vs_async"] = sync_vs_async(budget, test_tasks)

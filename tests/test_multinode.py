@@ -85,6 +85,7 @@ def test_a_job_trains_on_both_worker_nodes_and_writes_to_the_storage_uri(
     worker_nodes = summary.get("worker_nodes")
     assert isinstance(worker_nodes, list) and len(worker_nodes) == 2, f"worker_nodes: {worker_nodes!r}"
     assert set(worker_nodes) == workers, f"workers on {worker_nodes}; worker nodes {workers}, head {head}"
+    assert summary["transport"] == "object store"  # the workers are not on the driver's node
 
     # The repo as the job saw it (unpacked on this machine): the code, none of the excluded dirs.
     unpacked = cluster.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +20,7 @@ from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
 from distmeta.components import build_model
 from distmeta.config import load_job
-from distmeta.runtime import ray_runtime
+from distmeta.runtime import ray_runtime, shared_slots
 from distmeta.runtime.local import initial_phi
 from distmeta.runtime.parameter_store import FlatContribution, NonFiniteError
 from distmeta.runtime.ray_runtime import RayRuntime, task_slices
@@ -60,7 +63,7 @@ def test_phi_after_five_steps_matches_in_process_for_1_2_3_workers(local_ray, tm
     reference = final_phi(tmp_path / "local")
     for workers in (1, 2):
         summary = train(job(workers, 5), tmp_path / f"w{workers}")
-        assert summary["workers"] == workers and summary["mode"] == "sync"
+        assert summary["workers"] == workers and summary["mode"] == "sync" and summary["transport"] == "shared memory"
         assert summary["restarts"] == {"workers": 0, "server": 0} and summary["rejected_contributions"] == 0
         if workers == 1:  # one slice: the very same arithmetic, to the bit
             assert summary["phi_sha256"] == local["phi_sha256"]
@@ -70,6 +73,30 @@ def test_phi_after_five_steps_matches_in_process_for_1_2_3_workers(local_ray, tm
         phi = final_phi(tmp_path / f"w{workers}")
         for name, value in reference.items():
             assert torch.allclose(phi[name], value, rtol=0, atol=1e-6), (workers, name)
+
+
+def test_the_object_store_carries_a_sync_run_to_the_same_phi_as_shared_memory(local_ray, tmp_path, monkeypatch):
+    shared = train(job(2, 3), tmp_path / "shared")
+    monkeypatch.setattr(shared_slots, "available", lambda: False)  # as where /dev/shm is missing
+    stored = train(job(2, 3), tmp_path / "stored")
+    assert (shared["transport"], stored["transport"]) == ("shared memory", "object store")
+    assert shared["phi_sha256"] == stored["phi_sha256"]
+    assert not list(shared_slots.ROOT.glob(f"{shared_slots.PREFIX}{os.getpid()}-*"))  # removed when the run closed
+
+
+def test_shared_buffers_of_a_driver_that_is_gone_are_removed_by_the_next_run():
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = shared_slots.ROOT / f"{shared_slots.PREFIX}{int(gone.stdout)}-test"
+    orphan.mkdir()
+    spec = shared_slots.create(2, 10, "bfloat16")
+    try:
+        assert not orphan.exists() and Path(spec.folder).is_dir()
+        slots = shared_slots.Slots(spec, server=False)
+        assert slots.phi.dtype == "float32" and slots.slices[1].dtype == "int16" and slots.slices[1].size == 10
+        assert not slots.phi.flags.writeable and slots.slices[0].flags.writeable  # workers only write slices
+    finally:
+        shared_slots.remove(spec)
+    assert not Path(spec.folder).exists()
 
 
 class FaultyRuntime(RayRuntime):
@@ -96,7 +123,8 @@ class FaultyRuntime(RayRuntime):
                 version, _ = ray.get(self.server.pull.remote())
                 size = ray.get(self.server.flat.remote()).size
                 nan = FlatContribution(torch.full((size,), float("nan")), 4, {"loss": 1.0})
-                assert ray.get(self.server.push.remote(version, 0, nan)) == "rejected"
+                verdict = ray.get(self.server.push.remote(version, 0, nan))  # found once the step's slices are in
+                assert verdict == ("rejected" if len(self.slices) == 1 else "pending")
         return super().advance()
 
     def checkpoint(self, extra):
@@ -192,9 +220,11 @@ def test_bf16_contributions_train_to_nearly_the_phi_of_fp32_ones(local_ray, tmp_
 
 
 def test_a_non_finite_slice_is_rejected_counted_and_the_step_still_applied(local_ray, tmp_path):
-    calm = train(job(1, 4), tmp_path / "calm")
-    poked = train(job(1, 4), tmp_path / "poked", runtime=faulty(job(1, 4), tmp_path / "poked", at=2, fault="nan"))
-    assert poked["rejected_contributions"] == 1 and poked["phi_sha256"] == calm["phi_sha256"]
+    for workers in (1, 2):
+        calm = train(job(workers, 4), tmp_path / f"calm{workers}")
+        poked = train(job(workers, 4), tmp_path / f"poked{workers}",
+                      runtime=faulty(job(workers, 4), tmp_path / f"poked{workers}", at=2, fault="nan"))
+        assert poked["rejected_contributions"] == 1 and poked["phi_sha256"] == calm["phi_sha256"]
 
 
 def test_a_step_that_stays_non_finite_fails_after_retries(local_ray, tmp_path):
@@ -204,7 +234,7 @@ def test_a_step_that_stays_non_finite_fails_after_retries(local_ray, tmp_path):
 
 def test_async_mode_trains_with_bounded_staleness(local_ray, tmp_path):
     summary = train(job(2, 40, "runtime.mode=async", "runtime.staleness=1", "train.log_every=10"), tmp_path / "async")
-    assert summary["mode"] == "async" and summary["steps"] == 40
+    assert summary["mode"] == "async" and summary["steps"] == 40 and summary["transport"] == "object store"
     assert summary["stale_contributions"] >= 0 and summary["restarts"] == {"workers": 0, "server": 0}
     rows = (tmp_path / "async" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["10", "20", "30", "40"]

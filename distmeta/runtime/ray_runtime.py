@@ -31,6 +31,7 @@ from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
     placement_group,
+    placement_group_table,
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
@@ -40,6 +41,7 @@ from distmeta.components import build_job_algorithm, build_job_optimizer, build_
 from distmeta.config import JobConfig, job_from_dict, job_to_dict
 from distmeta.device import resolve_device
 from distmeta.evaluate import JobEvaluator
+from distmeta.runtime import shared_slots
 from distmeta.runtime.local import LocalExecutor, Rewound, checkpoint_state, initial_phi, phi_sha256
 from distmeta.runtime.parameter_store import (
     FlatContribution,
@@ -50,6 +52,7 @@ from distmeta.runtime.parameter_store import (
     from_wire,
     to_wire,
 )
+from distmeta.runtime.shared_slots import SlotRef, Slots, SlotSpec
 from distmeta.storage import Location
 
 log = logging.getLogger("distmeta.runtime")
@@ -88,7 +91,9 @@ class RecentObjects:
 class ParameterServer:
     """Owns Φ, the optimizer state and the checkpoints; applies pushed slices by the job's mode."""
 
-    def __init__(self, job_dict: dict[str, Any], run_uri: str, slices: int) -> None:
+    def __init__(self, job_dict: dict[str, Any], run_uri: str, slices: int, slots: SlotSpec | None = None) -> None:
+        """``slots``: the shared buffers of a sync run whose workers are all on this node (Φ is
+        then written there instead of put in the object store, and slices arrive there)."""
         job = self.job = job_from_dict(job_dict, "server job")
         torch.set_num_threads(job.runtime.server_threads)
         self.checkpoints = Location(run_uri) / "checkpoints"
@@ -97,20 +102,28 @@ class ParameterServer:
         self.store = ParameterStore(initial_phi(job, build_model(job)), build_job_optimizer(job), job.train.meta_batch,
                                     slices, job.runtime.mode, job.runtime.staleness, state)
         self.stopped = False
+        self.slots = Slots(slots, server=True) if slots else None
         self.published = RecentObjects()
         self.last_step_s = {"apply": 0.0, "publish": 0.0}  # the server's own cost of the last step
         self._publish()
 
     def _publish(self) -> None:
-        self.phi_ref = self.published.put(to_wire(self.store.flat))  # one copy, read by every worker
+        if self.slots:
+            np.copyto(self.slots.phi, to_wire(self.store.flat))
+            self.phi_ref = None
+        else:
+            self.phi_ref = self.published.put(to_wire(self.store.flat))  # one copy, read by every worker
 
     def pull(self) -> tuple[int, list[ray.ObjectRef]]:
         """The current version and Φ (the reference wrapped in a list, so it is not fetched here)."""
         return self.store.version, [self.phi_ref]
 
-    def push(self, version: int, index: int, part: FlatContribution) -> str:
+    def push(self, version: int, index: int, part: FlatContribution | SlotRef) -> str:
         if self.stopped or self.store.version >= self.job.train.steps:
             return "stale"
+        if isinstance(part, SlotRef):  # its buffer is read in place until the step is applied
+            part = FlatContribution(from_wire(self.slots.slices[part.index], getattr(torch, self.slots.dtype)),
+                                    part.num_tasks, part.metrics)
         start = time.perf_counter()
         status = self.store.submit(version, index, part)
         if status == "applied":
@@ -148,23 +161,47 @@ class ParameterServer:
         return to_wire(self.store.flat)
 
 
+class SliceChannel:
+    """How a worker reads Φ and sends its slices: through the run's shared buffers where it
+    has them (``shared_slots``), else through the object store."""
+
+    def __init__(self, slots: SlotSpec | None) -> None:
+        self.slots = Slots(slots, server=False) if slots else None
+        self.sent = RecentObjects()
+
+    def phi(self, phi_ref: ray.ObjectRef | None) -> np.ndarray:
+        """Φ on the wire (a read-only view): as the server last wrote it, or ``phi_ref``'s."""
+        return self.slots.phi if self.slots else ray.get(phi_ref)
+
+    def push(self, server: Any, version: int, index: int, part: FlatContribution) -> str:
+        """Send slice ``index`` of step ``version``; returns the server's verdict."""
+        if self.slots:
+            np.copyto(self.slots.slices[index], to_wire(part.grad_sum))
+            return ray.get(server.push.remote(version, index, SlotRef(index, part.num_tasks, part.metrics)))
+        return ray.get(server.push.remote(version, index, self.sent.put(part)))
+
+
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
 class TaskWorker:
     """Builds the job's pieces once, then computes slices at the Φ versions it is handed."""
 
-    def __init__(self, job_dict: dict[str, Any], threads: int, path: str, layout: FlatLayout) -> None:
+    def __init__(self, job_dict: dict[str, Any], threads: int, path: str, layout: FlatLayout,
+                 slots: SlotSpec | None = None) -> None:
         torch.set_num_threads(threads)
         job = job_from_dict(job_dict, "worker job")
         self.device = resolve_device("cuda" if job.runtime.worker_gpus > 0 else "cpu")  # what Ray reserved for it
         self.executor = LocalExecutor(build_model(job), build_job_algorithm(job), build_sampler(job), path,
                                       job.runtime.precision, self.device, job.runtime.compile)
-        self.layout, self.cached, self.sent = layout, ("", None), RecentObjects()
+        self.layout, self.cached, self.channel = layout, ("", None), SliceChannel(slots)
         self.wire_dtype = torch.bfloat16 if job.runtime.contributions == "bf16" else torch.float32
 
-    def _phi(self, phi_ref: ray.ObjectRef) -> dict[str, torch.Tensor]:
-        """Φ, fetched once per published buffer (versions repeat after a server restart; refs do not)."""
+    def _phi(self, phi_ref: ray.ObjectRef | None) -> dict[str, torch.Tensor]:
+        """Φ, fetched once per published buffer (versions repeat after a server restart; refs do
+        not); with shared buffers, Φ as the server last wrote it (None: no ref)."""
+        if self.channel.slots:
+            return self.layout.unflatten(from_wire(self.channel.phi(None)).to(self.device))
         if self.cached[0] != phi_ref.hex():
-            self.cached = (phi_ref.hex(), self.layout.unflatten(from_wire(ray.get(phi_ref)).to(self.device)))
+            self.cached = (phi_ref.hex(), self.layout.unflatten(from_wire(self.channel.phi(phi_ref)).to(self.device)))
         return self.cached[1]
 
     def _compute(self, phi_ref: ray.ObjectRef, step: int, start: int, stop: int) -> FlatContribution:
@@ -179,7 +216,7 @@ class TaskWorker:
         returns the server's verdict and this process's id (a new one after a restart)."""
         self.executor.path = path
         part = self._compute(phi[0], version, start, stop)
-        return ray.get(server.push.remote(version, index, self.sent.put(part))), os.getpid()
+        return self.channel.push(server, version, index, part), os.getpid()
 
     def run_async(self, server: Any, path: str, slices: list[tuple[int, int]]) -> int:
         """Async mode: compute and push tickets until the server has no more; returns how many.
@@ -192,7 +229,7 @@ class TaskWorker:
                 part = self._compute(phi[0], step, start, stop)
             except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
                 continue
-            ray.get(server.push.remote(version, index, self.sent.put(part)))
+            self.channel.push(server, version, index, part)
             done += 1
         return done
 
@@ -245,15 +282,18 @@ class RayRuntime:
         self.owns_group = self.group != get_current_placement_group()
         self.workers, self.server, self.evaluator = [], None, None
         self.loops: list[ray.ObjectRef] = []
+        self.slots = self._shared_slots(bundles, sum(layout.sizes))
         try:
             threads = max(1, int(rt.worker_cpus))
             self.workers = [TaskWorker.options(num_cpus=rt.worker_cpus, num_gpus=rt.worker_gpus, **options,
                                                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, bundle))
-                            .remote(job_dict, threads, self.path, layout) for bundle in bundles]
-            # The server writes the checkpoints: keep it on the driver's node, which reaches the storage.
-            beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+                            .remote(job_dict, threads, self.path, layout, self.slots) for bundle in bundles]
+            # The server writes the checkpoints: keep it on the driver's node, which reaches the
+            # storage (and holds the shared buffers, if any).
+            beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                           soft=self.slots is None)
             self.server = ParameterServer.options(num_cpus=0, scheduling_strategy=beside_driver, **options).remote(
-                job_dict, run.uri, len(self.slices))
+                job_dict, run.uri, len(self.slices), self.slots)
             self.evaluator = Evaluator.options(num_cpus=rt.evaluator_cpus, num_gpus=rt.evaluator_gpus, **options).remote(
                 job_dict, max(1, int(rt.evaluator_cpus)), layout)
             identities = ray.get([w.identity.remote() for w in self.workers])
@@ -267,8 +307,24 @@ class RayRuntime:
         except BaseException:  # leave nothing behind: actors, reservation
             self.close()
             raise
-        log.info("ray: %d task workers (%s placement, %s) on nodes %s, parameter server at step %d",
-                 len(self.workers), rt.placement, self.mode, sorted(set(self.worker_nodes)), self.version)
+        log.info("ray: %d task workers (%s placement, %s) on nodes %s, parameter server at step %d%s",
+                 len(self.workers), rt.placement, self.mode, sorted(set(self.worker_nodes)), self.version,
+                 ", slices and Φ in shared memory" if self.slots else "")
+
+    def _shared_slots(self, bundles: list[int], size: int) -> SlotSpec | None:
+        """Shared buffers (see ``shared_slots``) for a sync run whose workers are all on the
+        driver's node, where the server goes; None otherwise: the object store carries it all."""
+        rt = self.job.runtime
+        nodes = placement_group_table(self.group)["bundles_to_node_id"]
+        here = ray.get_runtime_context().get_node_id()
+        if self.mode != "sync" or not shared_slots.available() or any(nodes[b] != here for b in bundles):
+            return None
+        try:
+            return shared_slots.create(len(self.slices), size, "bfloat16" if rt.contributions == "bf16" else "float32")
+        except OSError as error:  # e.g. a container's small /dev/shm
+            log.warning("ray: no shared buffers in %s (%s); slices and Φ go through the object store",
+                        shared_slots.ROOT, error)
+            return None
 
     def advance(self) -> list[StepRecord]:
         """Raises:
@@ -383,7 +439,8 @@ class RayRuntime:
         self._count_worker_restarts([pid for _, pid in ray.get([w.identity.remote() for w in self.workers])])
         return {"mode": self.mode, "workers": len(self.workers),
                 "device": "cuda" if self.job.runtime.worker_gpus > 0 else "cpu", "placement": self.job.runtime.placement,
-                "worker_nodes": self.worker_nodes, "phi_sha256": phi_sha256(from_wire(ray.get(self.server.flat.remote()))),
+                "worker_nodes": self.worker_nodes, "transport": "shared memory" if self.slots else "object store",
+                "phi_sha256": phi_sha256(from_wire(ray.get(self.server.flat.remote()))),
                 "restarts": dict(self.restarts), "rejected_contributions": self.rejected,
                 "stale_contributions": self.stale}
 
@@ -395,6 +452,8 @@ class RayRuntime:
         for actor in (*self.workers, self.server, self.evaluator):
             if actor is not None:
                 ray.kill(actor, no_restart=True)
+        if self.slots:
+            shared_slots.remove(self.slots)
         if self.owns_group:
             remove_placement_group(self.group)
 
