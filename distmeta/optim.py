@@ -42,11 +42,14 @@ def _as_schedule(lr: float | Schedule) -> Schedule:
 
 
 class Optimizer(NamedTuple):
-    """``init(params) -> state``; ``update(params, grads, state, donate=False) -> (params, state)``.
+    """``init(params) -> state``; ``update(params, grads, state, donate=False, grad_scale=None)
+    -> (params, state)``.
 
     ``donate=True`` hands ``params`` and ``state`` over to the update, which may then write
     the result into their buffers (as JAX's buffer donation): the parameter server's apply
     without a fresh copy of Φ and the moments each step. The arithmetic is the same either way.
+    ``grad_scale``: ``grads`` are sums to divide by it (a mean over tasks), and are handed over
+    too: the update may write the quotients into them, sparing a pass of its own.
     """
 
     init: Callable[[Params], OptState]
@@ -65,8 +68,11 @@ def sgd(lr: float | Schedule) -> Optimizer:
     def init(params: Params) -> OptState:
         return {"count": 0}
 
-    def update(params: Params, grads: Params, state: OptState, donate: bool = False) -> tuple[Params, OptState]:
+    def update(params: Params, grads: Params, state: OptState, donate: bool = False,
+               grad_scale: float | None = None) -> tuple[Params, OptState]:
         count = int(state["count"])
+        if grad_scale is not None:
+            grads = {n: g.div_(grad_scale) for n, g in grads.items()}
         new = {n: _own(p, donate).sub_(grads[n], alpha=lr_at(count)) for n, p in params.items()}
         return new, {"count": count + 1}
 
@@ -84,7 +90,8 @@ def adam(lr: float | Schedule, betas: tuple[float, float] = (0.9, 0.999), eps: f
         zeros = lambda: {n: torch.zeros_like(p) for n, p in params.items()}  # noqa: E731
         return {"count": 0, "mu": zeros(), "nu": zeros()}
 
-    def update(params: Params, grads: Params, state: OptState, donate: bool = False) -> tuple[Params, OptState]:
+    def update(params: Params, grads: Params, state: OptState, donate: bool = False,
+               grad_scale: float | None = None) -> tuple[Params, OptState]:
         names = list(params)
         new = {n: _own(params[n], donate) for n in names}
         mu = {n: _own(state["mu"][n], donate) for n in names}
@@ -93,7 +100,7 @@ def adam(lr: float | Schedule, betas: tuple[float, float] = (0.9, 0.999), eps: f
         steps = [torch.tensor(float(count), device=new[n].device) for n in names]  # the kernel counts them up
         fused_adam([new[n] for n in names], [grads[n] for n in names], [mu[n] for n in names], [nu[n] for n in names],
                    [], steps, fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr_at(count), weight_decay=0.0, eps=eps,
-                   maximize=False)
+                   maximize=False, grad_scale=None if grad_scale is None else torch.tensor(float(grad_scale)))
         return new, {"count": count + 1, "mu": mu, "nu": nu}
 
     return Optimizer(init, update)

@@ -168,3 +168,24 @@ def test_bf16_slices_travel_in_half_the_bytes_and_are_summed_in_float32():
         by_wire.submit(0, index, half)
         upcast.submit(0, index, pre._replace(grad_sum=pre.grad_sum.float()))
     assert by_wire.flat.dtype == torch.float32 and torch.equal(by_wire.flat, upcast.flat)
+
+
+def test_phi_kept_in_an_outside_buffer_is_updated_there_with_the_same_arithmetic():
+    store, twin = (ParameterStore(params(), adam(0.01), meta_batch=4, slices=2) for _ in range(2))
+    buffer = torch.empty_like(store.flat)
+    store.keep_phi_in(buffer)
+    for step in range(3):
+        for s in (store, twin):
+            s.submit(step, 0, part(2 * step, 2)), s.submit(step, 1, part(2 * step + 1, 2))
+    assert store.flat.data_ptr() == buffer.data_ptr() and torch.equal(buffer, twin.flat)
+
+
+@pytest.mark.parametrize("optimizer", [adam(0.01), sgd(0.1)], ids=["adam", "sgd"])
+def test_a_step_applies_the_mean_of_its_slices_to_the_bit(optimizer):
+    store = ParameterStore(params(), optimizer, meta_batch=6, slices=3)
+    for i in range(3):
+        store.submit(0, i, part(i, 2))  # the optimizer divides the sum in its own pass
+    flat = FlatLayout.of(params()).flatten(params())
+    mean = (part(0, 2).grad_sum + part(1, 2).grad_sum + part(2, 2).grad_sum) / 6
+    expected, _ = optimizer.update({"phi": flat}, {"phi": mean}, optimizer.init({"phi": flat}))
+    assert torch.equal(store.flat, expected["phi"])

@@ -138,6 +138,12 @@ class ParameterStore:
     def phi(self) -> Params:
         return self.layout.unflatten(self.flat)
 
+    def keep_phi_in(self, buffer: torch.Tensor) -> None:
+        """Hold Φ in ``buffer`` from now on (a flat float32 buffer of Φ's size): the in-place
+        apply then updates it there, where others may read it without a copy."""
+        buffer.copy_(self.flat)
+        self.flat = buffer
+
     def ticket(self) -> tuple[int, int]:
         """The next (step, slice index) of the task stream for an async worker to compute."""
         ticket, self.tickets = self.tickets, self.tickets + 1
@@ -172,7 +178,7 @@ class ParameterStore:
             if not _finite(total.grad_sum):  # one pass over the sum instead of one per slice
                 return self._reject_non_finite_parts()
             self._parts, self._prefix, self._prefix_count = {}, None, 0
-            return self._apply(total)
+            return self._apply(total, owned=self.slices > 1 and total.grad_sum.dtype == self.flat.dtype)
         if not _finite(part.grad_sum):
             self.rejected += 1
             return "rejected"
@@ -183,7 +189,7 @@ class ParameterStore:
         if self._pending.num_tasks < self.meta_batch:
             return "pending"
         total, self._pending = self._pending, None
-        return self._apply(total)
+        return self._apply(total, owned=total is not part and total.grad_sum.dtype == self.flat.dtype)
 
     def _extend_prefix(self) -> None:
         """Add the slices that now continue the prefix of slices in task order: most of a
@@ -205,11 +211,17 @@ class ParameterStore:
         self._extend_prefix()
         return "rejected"
 
-    def _apply(self, total: FlatContribution) -> str:
-        grads = total.grad_sum.to(self.flat.dtype) / total.num_tasks  # a new buffer: parts are never written
+    def _apply(self, total: FlatContribution, owned: bool) -> str:
+        """``owned``: ``total`` is a sum made here, which the update may overwrite (dividing it
+        by the task count in its own pass); otherwise it is a part, which is never written."""
         # Φ and the moments are updated in place (a 10M-parameter Adam step in a third of the
         # time); so a non-finite result leaves this store unusable rather than unchanged.
-        new_phi, new_state = self.optimizer.update({"phi": self.flat}, {"phi": grads}, self.opt_state, donate=True)
+        if owned:
+            new_phi, new_state = self.optimizer.update({"phi": self.flat}, {"phi": total.grad_sum}, self.opt_state,
+                                                       donate=True, grad_scale=total.num_tasks)
+        else:
+            grads = total.grad_sum.to(self.flat.dtype) / total.num_tasks
+            new_phi, new_state = self.optimizer.update({"phi": self.flat}, {"phi": grads}, self.opt_state, donate=True)
         if not _finite(new_phi["phi"]):
             bad = ", ".join(self.layout.non_finite_names(new_phi["phi"]))
             self.failure = (f"non-finite updated Φ at step {self.version} in {bad}; the run stops and the "

@@ -109,7 +109,9 @@ class ParameterServer:
 
     def _publish(self) -> None:
         if self.slots:
-            np.copyto(self.slots.phi, to_wire(self.store.flat))
+            shared = from_wire(self.slots.phi)
+            if self.store.flat.data_ptr() != shared.data_ptr():  # once: the apply then updates Φ in place there
+                self.store.keep_phi_in(shared)
             self.phi_ref = None
         else:
             self.phi_ref = self.published.put(to_wire(self.store.flat))  # one copy, read by every worker
@@ -122,7 +124,7 @@ class ParameterServer:
         if self.stopped or self.store.version >= self.job.train.steps:
             return "stale"
         if isinstance(part, SlotRef):  # its buffer is read in place until the step is applied
-            part = FlatContribution(from_wire(self.slots.slices[part.index], getattr(torch, self.slots.dtype)),
+            part = FlatContribution(from_wire(self.slots.slices[index], getattr(torch, self.slots.dtype)),
                                     part.num_tasks, part.metrics)
         start = time.perf_counter()
         status = self.store.submit(version, index, part)
@@ -177,7 +179,7 @@ class SliceChannel:
         """Send slice ``index`` of step ``version``; returns the server's verdict."""
         if self.slots:
             np.copyto(self.slots.slices[index], to_wire(part.grad_sum))
-            return ray.get(server.push.remote(version, index, SlotRef(index, part.num_tasks, part.metrics)))
+            return ray.get(server.push.remote(version, index, SlotRef(part.num_tasks, part.metrics)))
         return ray.get(server.push.remote(version, index, self.sent.put(part)))
 
 

@@ -46,9 +46,9 @@ class SlotSpec(NamedTuple):
 
 
 class SlotRef(NamedTuple):
-    """A slice pushed through its buffer: everything of a ``FlatContribution`` but the buffer."""
+    """A slice pushed through its buffer (that of its slice index): everything of a
+    ``FlatContribution`` but the buffer."""
 
-    index: int
     num_tasks: int
     metrics: dict[str, float]
 
