@@ -50,10 +50,11 @@ import torch
 
 from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import JobConfig, job_to_dict, load_job
+from distmeta.device import ALLOCATOR_ENV
 from distmeta.runtime import shared_slots
 from distmeta.runtime.local import LocalExecutor, LocalRuntime, initial_phi
 from distmeta.runtime.parameter_store import FlatContribution, FlatLayout
-from distmeta.runtime.ray_runtime import ALLOCATOR_ENV, ParameterServer, RayRuntime, SliceChannel, task_slices
+from distmeta.runtime.ray_runtime import ParameterServer, RayRuntime, SliceChannel, task_slices
 from distmeta.runtime.shared_slots import SlotSpec
 from distmeta.storage import Location
 

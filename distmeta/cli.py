@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job, load_run_job
 from distmeta.data.omniglot import DataError
+from distmeta.device import ALLOCATOR_ENV
 from distmeta.storage import Location
 
 
@@ -177,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError, FileExistsError, PermissionError, NonFiniteError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+
+def entry() -> None:
+    """The ``distmeta`` command: ``main`` in a process that glibc started with
+    ``ALLOCATOR_ENV`` (restarting itself once to get it; values the user set are kept)."""
+    missing = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
+    if missing and sys.platform.startswith("linux"):
+        os.execve(sys.executable, [sys.executable, "-m", "distmeta.cli", *sys.argv[1:]], {**os.environ, **missing})
+    sys.exit(main())
 
 
 if __name__ == "__main__":

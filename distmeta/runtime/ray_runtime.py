@@ -39,7 +39,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from distmeta.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from distmeta.components import build_job_algorithm, build_job_optimizer, build_model, build_sampler
 from distmeta.config import JobConfig, job_from_dict, job_to_dict
-from distmeta.device import resolve_device
+from distmeta.device import ALLOCATOR_ENV, resolve_device
 from distmeta.evaluate import JobEvaluator
 from distmeta.runtime import shared_slots
 from distmeta.runtime.local import LocalExecutor, Rewound, checkpoint_state, initial_phi, phi_sha256
@@ -58,9 +58,6 @@ from distmeta.storage import Location
 log = logging.getLogger("distmeta.runtime")
 
 FORWARDED_ENV = ("DISTMETA_OMNIGLOT", "DISTMETA_CACHE")
-# glibc hands every freed buffer over 32 MiB back to the OS, so each Φ-sized temporary of a big
-# model page-faults afresh; keeping them in the heap makes a 10M-parameter Adam step 160 → 33 ms.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 MAX_RESTARTS = 3  # an actor that keeps dying fails the run instead of retrying forever
 MAX_NON_FINITE_RETRIES = 2  # recomputations of a step whose slices came back non-finite
 PLACEMENT_TIMEOUT_S = 60.0
