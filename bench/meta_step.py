@@ -4,7 +4,9 @@ Omniglot 5-way 1-shot, meta-batch 32, conv4 (64 filters), 1 inner step at α = 0
 with 15 query examples per class. One iteration = meta-gradient of the 32 tasks + Adam step.
 Methods are timed round-robin (one iteration of each per round) so that machine noise hits
 them alike; the table shows the median over rounds. Anchors (learn2learn, TorchOpt, higher)
-are timed where they import (bench/install_anchors.sh).
+are timed where they import (bench/install_anchors.sh). The script restarts itself once with
+glibc's allocator settings of the ``distmeta`` command (``distmeta.device.ALLOCATOR_ENV``), so
+the anchors run with them too.
 
     python bench/meta_step.py [--queries 1 15] [--algorithms maml fomaml reptile] [--rounds 7]
 """
@@ -26,7 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distmeta.algorithms import InnerLoop, build_algorithm, compiled, compute_contribution  # noqa: E402
 from distmeta.data.omniglot import load_omniglot  # noqa: E402
 from distmeta.data.omniglot_tasks import OmniglotTasks  # noqa: E402
-from distmeta.device import precision_context, to_device  # noqa: E402
+from distmeta.device import (  # noqa: E402
+    precision_context,
+    restart_with_allocator_env,  # noqa: E402
+    to_device,
+)
 from distmeta.models import make_conv4  # noqa: E402
 from distmeta.optim import adam  # noqa: E402
 from distmeta.types import TaskBatch  # noqa: E402
@@ -125,4 +131,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_allocator_env([__file__, *sys.argv[1:]])  # as the distmeta command runs
     main()

@@ -1,7 +1,8 @@
 """Ray parameter-server runtime: overhead, scaling, parameter-server cost, sync vs async.
 
 All cases run on one embedded local Ray started here (all the machine's CPUs) and shut
-down at the end. The Omniglot job is jobs/omniglot_5w1s.yaml (5-way 1-shot, second-order
+down at the end, in a process restarted once with the ``distmeta`` command's allocator
+settings (``distmeta.device.ALLOCATOR_ENV``, which the actors get too). The Omniglot job is jobs/omniglot_5w1s.yaml (5-way 1-shot, second-order
 MAML, conv4, meta-batch 32, Q = 15) on the per-task loop path, 1 torch thread per process.
 
 1. Ray overhead: the job in-process (``LocalRuntime``) vs on 1 task worker of 1 CPU.
@@ -50,7 +51,7 @@ import torch
 
 from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import JobConfig, job_to_dict, load_job
-from distmeta.device import ALLOCATOR_ENV
+from distmeta.device import ALLOCATOR_ENV, restart_with_allocator_env
 from distmeta.runtime import shared_slots
 from distmeta.runtime.local import LocalExecutor, LocalRuntime, initial_phi
 from distmeta.runtime.parameter_store import FlatContribution, FlatLayout
@@ -499,4 +500,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_allocator_env([__file__, *sys.argv[1:]])  # as the distmeta command runs
     main()

@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_dict, load_job, load_run_job
 from distmeta.data.omniglot import DataError
-from distmeta.device import ALLOCATOR_ENV
+from distmeta.device import restart_with_allocator_env
 from distmeta.storage import Location
 
 
@@ -184,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The ``distmeta`` command: ``main`` in a process that glibc started with
     ``ALLOCATOR_ENV`` (restarting itself once to get it; values the user set are kept)."""
-    missing = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
-    if missing and sys.platform.startswith("linux"):
-        os.execve(sys.executable, [sys.executable, "-m", "distmeta.cli", *sys.argv[1:]], {**os.environ, **missing})
+    restart_with_allocator_env(["-m", "distmeta.cli", *sys.argv[1:]])
     sys.exit(main())
 
 

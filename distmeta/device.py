@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from typing import Any
 
 import torch
@@ -13,8 +15,16 @@ from distmeta.types import TaskBatch
 # buffer, a meta-batch's activations) page-faults afresh; keeping them in the heap makes a
 # 10M-parameter Adam step 160 → 33 ms and an Omniglot second-order MAML step (Q = 15) ~1.3×
 # faster. Read by glibc at process start only: Ray actors get it in their environment, and the
-# ``distmeta`` command restarts itself once with it.
+# ``distmeta`` command and the benchmarks restart themselves once with it.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
+
+def restart_with_allocator_env(argv: list[str]) -> None:
+    """Restart this process once, as ``python *argv``, with ``ALLOCATOR_ENV`` added to its
+    environment (values the user set are kept); returns when nothing is missing."""
+    missing = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
+    if missing and sys.platform.startswith("linux"):
+        os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **missing})
 
 
 def resolve_device(name: str) -> torch.device:
