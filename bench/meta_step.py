@@ -131,5 +131,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    restart_with_allocator_env([__file__, *sys.argv[1:]])  # as the distmeta command runs
+    restart_with_allocator_env()  # as the distmeta command runs
     main()

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The ``distmeta`` command: ``main`` in a process that glibc started with
     ``ALLOCATOR_ENV`` (restarting itself once to get it; values the user set are kept)."""
-    restart_with_allocator_env(["-m", "distmeta.cli", *sys.argv[1:]])
+    restart_with_allocator_env()
     sys.exit(main())
 
 

@@ -19,12 +19,14 @@ from distmeta.types import TaskBatch
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
-def restart_with_allocator_env(argv: list[str]) -> None:
-    """Restart this process once, as ``python *argv``, with ``ALLOCATOR_ENV`` added to its
-    environment (values the user set are kept); returns when nothing is missing."""
+def restart_with_allocator_env() -> None:
+    """Restart this process once, with the command line it was started with, and
+    ``ALLOCATOR_ENV`` added to its environment (values the user set are kept); returns when
+    nothing is missing, or when the process cannot be restarted (it then runs without)."""
     missing = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
-    if missing and sys.platform.startswith("linux"):
-        os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **missing})
+    if missing and sys.platform.startswith("linux") and sys.executable:
+        with contextlib.suppress(OSError):
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **missing})
 
 
 def resolve_device(name: str) -> torch.device:

@@ -155,7 +155,7 @@ def test_sinusoid_maml_reduces_the_adapted_loss(tmp_path):
 def test_the_command_restarts_itself_once_with_the_allocator_settings(monkeypatch):
     for key in ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(sys, "argv", ["distmeta", "eval", "runs/x"])
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "/venv/bin/distmeta", "eval", "runs/x"])
     restarts = []
 
     def execve(path, argv, env):
@@ -166,11 +166,16 @@ def test_the_command_restarts_itself_once_with_the_allocator_settings(monkeypatc
     with pytest.raises(SystemExit):
         cli.entry()
     path, argv, env = restarts[0]
-    assert path == sys.executable and argv == [sys.executable, "-m", "distmeta.cli", "eval", "runs/x"]
+    assert path == sys.executable and argv == [sys.executable, "/venv/bin/distmeta", "eval", "runs/x"]  # as started
     assert all(env[k] == v for k, v in ALLOCATOR_ENV.items())
+    monkeypatch.setattr(cli, "main", lambda: 7)
+    monkeypatch.setattr(os, "execve", lambda *args: (_ for _ in ()).throw(PermissionError("no exec here")))
+    with pytest.raises(SystemExit) as finished:
+        cli.entry()  # a process that cannot be restarted runs without the settings
+    assert finished.value.code == 7
     for key in ALLOCATOR_ENV:  # set (by the restart, or by the user, whose values are kept): main runs here
         monkeypatch.setenv(key, "123")
-    monkeypatch.setattr(cli, "main", lambda: 7)
+    monkeypatch.setattr(os, "execve", execve)
     with pytest.raises(SystemExit) as finished:
         cli.entry()
     assert finished.value.code == 7 and len(restarts) == 1

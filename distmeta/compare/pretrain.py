@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ def run_pretraining(job: JobConfig, folder: Path, resources: PretrainConfig) -> 
     try:
         result = trainer.fit()
     finally:  # fit() leaves its own Ctrl-C handler installed, which would swallow Ctrl-C in the stages after it
-        signal.signal(signal.SIGINT, interrupt)
+        if interrupt is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, interrupt)
     with result.checkpoint.as_directory() as saved:
         state = torch.load(Path(saved) / STATE_FILE, weights_only=False)
     if state["step"] != job.train.steps:

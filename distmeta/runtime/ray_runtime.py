@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.util.client import ray as client_ray
 from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
@@ -281,8 +282,9 @@ class RayRuntime:
         self.owns_group = self.group != get_current_placement_group()
         self.workers, self.server, self.evaluator = [], None, None
         self.loops: list[ray.ObjectRef] = []
-        self.slots = self._shared_slots(bundles, sum(layout.sizes))
+        self.slots: SlotSpec | None = None
         try:
+            self.slots = self._shared_slots(bundles, sum(layout.sizes))
             threads = max(1, int(rt.worker_cpus))
             self.workers = [TaskWorker.options(num_cpus=rt.worker_cpus, num_gpus=rt.worker_gpus, **options,
                                                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, bundle))
@@ -314,9 +316,11 @@ class RayRuntime:
         """Shared buffers (see ``shared_slots``) for a sync run whose workers are all on the
         driver's node, where the server goes; None otherwise: the object store carries it all."""
         rt = self.job.runtime
+        if self.mode != "sync" or client_ray.is_connected() or not shared_slots.available():
+            return None  # (a ray:// client is not on the node it names as its own)
         nodes = placement_group_table(self.group)["bundles_to_node_id"]
         here = ray.get_runtime_context().get_node_id()
-        if self.mode != "sync" or not shared_slots.available() or any(nodes[b] != here for b in bundles):
+        if any(nodes[b] != here for b in bundles):
             return None
         try:
             return shared_slots.create(len(self.slices), size, "bfloat16" if rt.contributions == "bf16" else "float32")
@@ -448,13 +452,15 @@ class RayRuntime:
             with contextlib.suppress(ray.exceptions.RayError):
                 ray.get(self.server.stop.remote())
                 ray.wait(self.loops, num_returns=len(self.loops), timeout=30)
-        for actor in (*self.workers, self.server, self.evaluator):
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        if self.slots:
-            shared_slots.remove(self.slots)
-        if self.owns_group:
-            remove_placement_group(self.group)
+        try:
+            for actor in (*self.workers, self.server, self.evaluator):
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
+        finally:
+            if self.slots:
+                shared_slots.remove(self.slots)
+            if self.owns_group:
+                remove_placement_group(self.group)
 
 
 def reserve_workers(workers: int, cpus: float, gpus: float, strategy: str,

@@ -11,13 +11,17 @@ writes the new Φ into the Φ buffer that the workers read.
 
 Safe only in sync mode: slice ``i`` of step ``v + 1`` cannot be computed before step ``v`` has
 been applied (it needs Φ ``v + 1``), and Φ is only rewritten by that apply, after every slice
-of ``v`` has arrived. A retried slice rewrites its buffer with the same values.
+of ``v`` has arrived. A recomputed slice (a restarted worker, or a step redone after a
+non-finite slice) rewrites its buffer with the same values where the compute is
+deterministic (CPU), with another valid computation of them otherwise.
 
-The driver creates the folder and removes it when the run closes; folders left by a driver
-that was killed are removed by the next run on that machine (their name holds the driver's pid).
+The driver creates the folder, holds a lock on it while the run lasts and removes it when the
+run closes; a folder whose lock nobody holds (its driver was killed) is removed by the next
+run on that machine.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import uuid
@@ -57,14 +61,24 @@ def available() -> bool:
     return ROOT.is_dir() and os.access(ROOT, os.W_OK)
 
 
+_held: dict[str, int] = {}  # folder → the descriptor of its lock, held by the creating process
+
+
 def create(slices: int, size: int, dtype: str) -> SlotSpec:
     """The buffers of a new run (zero-filled, of full size, so a full /dev/shm fails here and
-    not mid-run), after removing the folders of drivers that no longer run."""
+    not mid-run), after removing the folders of drivers that no longer run. This process
+    holds the folder's lock until ``remove``.
+
+    Raises:
+        OSError: /dev/shm cannot hold them.
+    """
     remove_orphans()
-    folder = ROOT / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder = ROOT / f"{PREFIX}{uuid.uuid4().hex}"
     folder.mkdir(mode=0o700)
     spec = SlotSpec(str(folder), slices, size, dtype)
     try:
+        _held[spec.folder] = os.open(folder / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(_held[spec.folder], fcntl.LOCK_EX | fcntl.LOCK_NB)
         for name, kind in [("phi", np.dtype(np.float32)), *((f"slice{i}", spec.storage) for i in range(slices))]:
             with (folder / name).open("wb") as handle:
                 os.posix_fallocate(handle.fileno(), 0, size * kind.itemsize)
@@ -76,24 +90,27 @@ def create(slices: int, size: int, dtype: str) -> SlotSpec:
 
 def remove(spec: SlotSpec) -> None:
     shutil.rmtree(spec.folder, ignore_errors=True)
+    if (lock := _held.pop(spec.folder, None)) is not None:
+        os.close(lock)
 
 
 def remove_orphans() -> None:
-    """Remove slot folders whose creating process is gone (a driver that was killed)."""
+    """Remove slot folders whose creator is gone (a driver that was killed): those whose lock
+    can be taken. A lock, unlike a pid, means the same in every pid namespace that shares
+    /dev/shm (containers started with the host's IPC)."""
     for folder in ROOT.glob(f"{PREFIX}*"):
-        pid = int(folder.name.removeprefix(PREFIX).split("-")[0])
-        if folder.stat().st_uid == os.getuid() and not _alive(pid):
+        try:
+            lock = os.open(folder / "lock", os.O_RDWR)
+        except OSError:  # not ours to open, gone meanwhile, or still being created
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its run goes on
+            continue
+        else:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        finally:
+            os.close(lock)
 
 
 class Slots:
