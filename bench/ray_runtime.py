@@ -54,7 +54,7 @@ from distmeta.config import JobConfig, job_to_dict, load_job
 from distmeta.device import ALLOCATOR_ENV, restart_with_allocator_env
 from distmeta.runtime import shared_slots
 from distmeta.runtime.local import LocalExecutor, LocalRuntime, initial_phi
-from distmeta.runtime.parameter_store import FlatContribution, FlatLayout
+from distmeta.runtime.parameter_store import WIRE_DTYPES, FlatContribution, FlatLayout
 from distmeta.runtime.ray_runtime import ParameterServer, RayRuntime, SliceChannel, task_slices
 from distmeta.runtime.shared_slots import SlotSpec
 from distmeta.storage import Location
@@ -68,7 +68,6 @@ OMNIGLOT_SETTINGS = ["runtime.path=loop", "runtime.threads=1", "runtime.worker_c
                      "train.val_every=0"]
 PS_SIZES = {"0.1M": 100_000, "1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000}
 PS_STEPS = {"0.1M": 30, "1M": 20, "10M": 10, "50M": 5}  # timed steps per (size, workers), after 2 warm-up steps
-WIRE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # runtime.contributions
 PS_TARGET_MS = {"10M": 50.0}  # per sync step, at every worker count
 TARGETS = {"1 worker / in-process": 0.9, "2 workers / 1 worker": 1.7}  # throughput ratios
 
@@ -209,13 +208,13 @@ def server_steps(job: JobConfig, params: int, workers: int, steps: int, compute_
     else through the object store."""
     slices = task_slices(job.train.meta_batch, workers)
     timings: dict[str, list[float]] = {"step_s": [], "fetch_s": [], "push_s": [], "apply_s": [], "publish_s": []}
-    slots = shared_slots.create(len(slices), params, WIRE_DTYPES[wire]) if shared else None
+    slots = shared_slots.create(len(slices), params, wire) if shared else None
     with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as cleanup:
         if slots:
             cleanup.callback(shared_slots.remove, slots)
         server = ParameterServer.options(num_cpus=0, runtime_env={"env_vars": ALLOCATOR_ENV}).remote(
             job_to_dict(job), out, len(slices), slots)
-        fakes = [FakeWorker.remote(params, b - a, getattr(torch, WIRE_DTYPES[wire]), slots) for a, b in slices]
+        fakes = [FakeWorker.remote(params, b - a, WIRE_DTYPES[wire], slots) for a, b in slices]
         ray.get([f.__ray_ready__.remote() for f in fakes] + [server.status.remote()])
         for i in range(2 + steps):
             version, phi = ray.get(server.pull.remote())

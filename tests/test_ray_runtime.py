@@ -92,7 +92,7 @@ def test_shared_buffers_of_a_driver_that_is_gone_are_removed_by_the_next_run():
         (folder / "lock").touch()
     held = os.open(running / "lock", os.O_RDWR)  # as a live driver holds its lock
     fcntl.flock(held, fcntl.LOCK_EX)
-    spec = shared_slots.create(2, 10, "bfloat16")
+    spec = shared_slots.create(2, 10, "bf16")
     try:
         assert not orphan.exists() and running.is_dir() and Path(spec.folder).is_dir()
         slots = shared_slots.Slots(spec, server=False)

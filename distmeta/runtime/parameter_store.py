@@ -24,6 +24,7 @@ from distmeta.optim import Optimizer
 from distmeta.types import Contribution, Params
 
 MODES = ("sync", "async")
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # runtime.contributions: what slices travel as
 
 
 class NonFiniteError(FloatingPointError):

@@ -45,6 +45,7 @@ from distmeta.evaluate import JobEvaluator
 from distmeta.runtime import shared_slots
 from distmeta.runtime.local import LocalExecutor, Rewound, checkpoint_state, initial_phi, phi_sha256
 from distmeta.runtime.parameter_store import (
+    WIRE_DTYPES,
     FlatContribution,
     FlatLayout,
     NonFiniteError,
@@ -122,7 +123,7 @@ class ParameterServer:
         if self.stopped or self.store.version >= self.job.train.steps:
             return "stale"
         if isinstance(part, SlotRef):  # its buffer is read in place until the step is applied
-            part = FlatContribution(from_wire(self.slots.slices[index], getattr(torch, self.slots.dtype)),
+            part = FlatContribution(from_wire(self.slots.slices[index], WIRE_DTYPES[self.slots.contributions]),
                                     part.num_tasks, part.metrics)
         start = time.perf_counter()
         status = self.store.submit(version, index, part)
@@ -193,7 +194,7 @@ class TaskWorker:
         self.executor = LocalExecutor(build_model(job), build_job_algorithm(job), build_sampler(job), path,
                                       job.runtime.precision, self.device, job.runtime.compile)
         self.layout, self.cached, self.channel = layout, ("", None), SliceChannel(slots)
-        self.wire_dtype = torch.bfloat16 if job.runtime.contributions == "bf16" else torch.float32
+        self.wire_dtype = WIRE_DTYPES[job.runtime.contributions]
 
     def _phi(self, phi_ref: ray.ObjectRef | None) -> dict[str, torch.Tensor]:
         """Φ, fetched once per published buffer (versions repeat after a server restart; refs do
@@ -323,7 +324,7 @@ class RayRuntime:
         if any(nodes[b] != here for b in bundles):
             return None
         try:
-            return shared_slots.create(len(self.slices), size, "bfloat16" if rt.contributions == "bf16" else "float32")
+            return shared_slots.create(len(self.slices), size, rt.contributions)
         except OSError as error:  # e.g. a container's small /dev/shm
             log.warning("ray: no shared buffers in %s (%s); slices and Φ go through the object store",
                         shared_slots.ROOT, error)

@@ -36,17 +36,18 @@ PREFIX = "distmeta-slots-"
 
 class SlotSpec(NamedTuple):
     """Where a run's buffers are and their shape: ``slices`` slice buffers of ``size``
-    elements of ``dtype`` (the slices' torch dtype on the wire), and Φ in float32."""
+    elements as ``contributions`` says slices travel (``runtime.contributions``: fp32 or bf16),
+    and Φ in float32."""
 
     folder: str
     slices: int
     size: int
-    dtype: str
+    contributions: str
 
     @property
     def storage(self) -> np.dtype:
         """The numpy dtype that holds a slice (bfloat16, which numpy lacks, as its int16 bits)."""
-        return np.dtype("int16" if self.dtype == "bfloat16" else self.dtype)
+        return np.dtype(np.int16 if self.contributions == "bf16" else np.float32)
 
 
 class SlotRef(NamedTuple):
@@ -64,7 +65,7 @@ def available() -> bool:
 _held: dict[str, int] = {}  # folder → the descriptor of its lock, held by the creating process
 
 
-def create(slices: int, size: int, dtype: str) -> SlotSpec:
+def create(slices: int, size: int, contributions: str) -> SlotSpec:
     """The buffers of a new run (zero-filled, of full size, so a full /dev/shm fails here and
     not mid-run), after removing the folders of drivers that no longer run. This process
     holds the folder's lock until ``remove``.
@@ -75,7 +76,7 @@ def create(slices: int, size: int, dtype: str) -> SlotSpec:
     remove_orphans()
     folder = ROOT / f"{PREFIX}{uuid.uuid4().hex}"
     folder.mkdir(mode=0o700)
-    spec = SlotSpec(str(folder), slices, size, dtype)
+    spec = SlotSpec(str(folder), slices, size, contributions)
     try:
         _held[spec.folder] = os.open(folder / "lock", os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(_held[spec.folder], fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,7 +119,7 @@ class Slots:
     server writes Φ (``server=True``), only workers write slices."""
 
     def __init__(self, spec: SlotSpec, server: bool) -> None:
-        folder, self.dtype = Path(spec.folder), spec.dtype
+        folder, self.contributions = Path(spec.folder), spec.contributions
         self.phi = np.memmap(folder / "phi", dtype=np.float32, mode="r+" if server else "r", shape=(spec.size,))
         self.slices = [np.memmap(folder / f"slice{i}", dtype=spec.storage, mode="r" if server else "r+",
                                  shape=(spec.size,)) for i in range(spec.slices)]
