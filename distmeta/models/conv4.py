@@ -49,13 +49,40 @@ def _xavier(generator: torch.Generator, shape: tuple[int, ...]) -> Tensor:
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
+def _norm_relu(x: Tensor, scale: Tensor, shift: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Batch norm on the batch statistics over ``dims``, then ReLU (scale/shift broadcastable)."""
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+    gain = scale * torch.rsqrt(var + EPS)
+    return torch.relu(x * gain + (shift - mean * gain))
+
+
 def _block(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, groups: int, downsample: str) -> Tensor:
     stride = 2 if downsample == "stride" else 1
     x = F.conv2d(x, weight, None, stride=stride, padding=1, groups=groups)
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
-    gain = scale.view(1, -1, 1, 1) * torch.rsqrt(var + EPS)
-    x = torch.relu(x * gain + (shift.view(1, -1, 1, 1) - mean * gain))
+    x = _norm_relu(x, scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1), (0, 2, 3))
     return F.max_pool2d(x, 2) if downsample == "maxpool" else x
+
+
+def _first_block_as_matmul(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, downsample: str) -> Tensor:
+    """The first block of T tasks, its convolution as one batched matrix product (im2col).
+
+    x (T, B, C, H, W), weight (T, width, C, 3, 3) -> (B, T·width, H', W'), the grouped layout
+    of the later blocks. With 1–3 input channels the im2col copy is only 9·C values per
+    pixel, while the grouped convolution's weight gradient and its layout changes took about
+    a quarter of a compiled Q = 15 meta-step on CPU (docs/benchmarks.md).
+    """
+    tasks, batch, channels, height, width = x.shape
+    stride = 2 if downsample == "stride" else 1
+    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    padded = F.pad(x.permute(0, 1, 3, 4, 2), (0, 0, 1, 1, 1, 1))  # (T, B, H+2, W+2, C)
+    taps = [padded[:, :, dy:dy + stride * (out_h - 1) + 1:stride, dx:dx + stride * (out_w - 1) + 1:stride]
+            for dy in range(3) for dx in range(3)]
+    columns = torch.cat(taps, -1).reshape(tasks, batch * out_h * out_w, 9 * channels)
+    filters = weight.permute(0, 3, 4, 2, 1).reshape(tasks, 9 * channels, -1)  # rows ordered as the taps
+    y = torch.bmm(columns, filters).view(tasks, batch, out_h, out_w, -1)
+    y = _norm_relu(y, scale.view(tasks, 1, 1, 1, -1), shift.view(tasks, 1, 1, 1, -1), (1, 2, 3))
+    y = y.permute(1, 0, 4, 2, 3).reshape(batch, -1, out_h, out_w)
+    return F.max_pool2d(y, 2) if downsample == "maxpool" else y
 
 
 def _num_blocks(params: Params) -> int:
@@ -82,12 +109,12 @@ def conv4_logits_grouped(params: Params, x: Tensor, downsample: str = "stride") 
 
     Tasks are laid side by side along the channel axis, so one grouped convolution
     (groups = T) applies every task's own filters, and per-channel batch statistics are
-    automatically per-task.
+    automatically per-task. The first block is a batched matrix product instead.
     """
     tasks, batch = x.shape[:2]
-    x = x.transpose(0, 1).reshape(batch, -1, *x.shape[3:])
-    blocks = _num_blocks(params)
-    for i in range(1, blocks + 1):
+    x = _first_block_as_matmul(x, params["block1.conv.weight"], params["block1.norm.weight"],
+                               params["block1.norm.bias"], downsample)
+    for i in range(2, _num_blocks(params) + 1):
         weight = params[f"block{i}.conv.weight"]
         x = _block(
             x,
