@@ -121,6 +121,9 @@ def main() -> None:
         sampler = OmniglotTasks(data, ways=WAYS, shots=SHOTS, queries=queries)
         tasks = [to_device(sampler.sample("train", step, 0, META_BATCH), device) for step in range(3)]
         for algorithm in args.algorithms:
+            # torch.compile wraps every partial in one shared frame, whose recompile limit (8)
+            # this many compiled methods would exhaust, silently leaving the later ones eager
+            torch._dynamo.reset()
             timings = measure(methods(algorithm, device, not args.no_anchors), tasks, args.rounds, device)
             for name, t in timings.items():
                 print(f"{algorithm:<9} {queries:>3} {name:<26} {t['it_per_s']:>7.2f} {t['tasks_per_s']:>8.1f}")
