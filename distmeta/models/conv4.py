@@ -66,14 +66,14 @@ def _block(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, groups: int,
 def _first_block_as_matmul(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, downsample: str) -> Tensor:
     """The first block of T tasks, its convolution as one batched matrix product (im2col).
 
-    x (T, B, C, H, W), weight (T, width, C, 3, 3) -> (B, T·width, H', W'), the grouped layout
-    of the later blocks. With 1–3 input channels the im2col copy is only 9·C values per
+    x (T, B, C, H, W), weight (T, filters, C, 3, 3) -> (B, T·filters, H', W'), the grouped
+    layout of the later blocks. With 1–3 input channels the im2col copy is only 9·C values per
     pixel, while the grouped convolution's weight gradient and its layout changes took about
     a quarter of a compiled Q = 15 meta-step on CPU (docs/benchmarks.md).
     """
-    tasks, batch, channels, height, width = x.shape
+    tasks, batch, channels, image_h, image_w = x.shape
     stride = 2 if downsample == "stride" else 1
-    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    out_h, out_w = (image_h - 1) // stride + 1, (image_w - 1) // stride + 1
     padded = F.pad(x.permute(0, 1, 3, 4, 2), (0, 0, 1, 1, 1, 1))  # (T, B, H+2, W+2, C)
     taps = [padded[:, :, dy:dy + stride * (out_h - 1) + 1:stride, dx:dx + stride * (out_w - 1) + 1:stride]
             for dy in range(3) for dx in range(3)]
@@ -107,9 +107,10 @@ def conv4_logits(params: Params, x: Tensor, downsample: str = "stride") -> Tenso
 def conv4_logits_grouped(params: Params, x: Tensor, downsample: str = "stride") -> Tensor:
     """Logits of T tasks at once: params (T, ...) and images (T, B, C, H, W) -> (T, B, ways).
 
-    Tasks are laid side by side along the channel axis, so one grouped convolution
-    (groups = T) applies every task's own filters, and per-channel batch statistics are
-    automatically per-task. The first block is a batched matrix product instead.
+    The first block is one batched matrix product over all tasks. In blocks 2 onwards, tasks
+    are laid side by side along the channel axis, so one grouped convolution (groups = T)
+    applies every task's own filters, and per-channel batch statistics are automatically
+    per-task.
     """
     tasks, batch = x.shape[:2]
     x = _first_block_as_matmul(x, params["block1.conv.weight"], params["block1.norm.weight"],
