@@ -199,10 +199,9 @@ class TaskWorker:
     def _phi(self, phi_ref: ray.ObjectRef | None) -> dict[str, torch.Tensor]:
         """Φ, fetched once per published buffer (versions repeat after a server restart; refs do
         not); with shared buffers, Φ as the server last wrote it (None: no ref)."""
-        if self.channel.slots:
-            return self.layout.unflatten(from_wire(self.channel.phi(None)).to(self.device))
-        if self.cached[0] != phi_ref.hex():
-            self.cached = (phi_ref.hex(), self.layout.unflatten(from_wire(self.channel.phi(phi_ref)).to(self.device)))
+        key = None if self.channel.slots else phi_ref.hex()  # a shared Φ is rewritten in place: never cached
+        if key is None or self.cached[0] != key:
+            self.cached = (key or "", self.layout.unflatten(from_wire(self.channel.phi(phi_ref)).to(self.device)))
         return self.cached[1]
 
     def _compute(self, phi_ref: ray.ObjectRef, step: int, start: int, stop: int) -> FlatContribution:
