@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
 
 from distmeta.algorithms import ALGORITHMS, PATHS, InnerLoop, build_algorithm, compiled, compute_contribution
 from distmeta.algorithms.inner import adapt, expand_to_tasks
 from distmeta.algorithms.paths import one_task_at_a_time, sum_contributions
 from distmeta.models import make_conv4, make_mlp
 from distmeta.models.conv4 import conv4_logits
+from distmeta.models.grouped_conv import grouped_conv2d
 from distmeta.optim import adam, schedule, sgd
 from distmeta.types import TaskBatch
 
@@ -235,6 +238,37 @@ def test_conv4_batch_norm_uses_each_tasks_own_statistics(float64):
     moved, _ = model.batched_loss(expand_to_tasks(phi, 3), shifted)
     assert moved[0].item() == pytest.approx(losses[0].item(), rel=1e-12)
     assert conv4_logits(phi, tasks.query[0][0]).shape == (6, 3)
+
+
+@pytest.mark.parametrize("stride", (1, 2))
+def test_grouped_conv2d_has_the_first_and_second_derivatives_of_conv2d(stride, float64):
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 6, 7, 5, generator=g, requires_grad=True)  # odd, non-square images
+    weight = torch.randn(9, 2, 3, 3, generator=g, requires_grad=True)  # 3 groups of 3 filters
+
+    def conv(x, weight):
+        return grouped_conv2d(x, weight, stride, 1, 3)
+
+    assert torch.allclose(conv(x, weight), F.conv2d(x, weight, None, stride, 1, 1, 3), atol=1e-12)
+    assert gradcheck(conv, (x, weight)) and gradgradcheck(conv, (x, weight))
+    # images that need no gradient (the first block's input): only the weight path remains
+    assert gradgradcheck(lambda weight: conv(x.detach(), weight), (weight,))
+
+
+def test_grouped_conv2d_under_autocast_computes_in_bf16_and_returns_fp32_gradients():
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 8, 6, 6, generator=g, requires_grad=True)
+    weight = torch.randn(8, 4, 3, 3, generator=g, requires_grad=True)
+    results = []
+    for conv in (lambda: grouped_conv2d(x, weight, 2, 1, 2), lambda: F.conv2d(x, weight, None, 2, 1, 1, 2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv()
+            grads = torch.autograd.grad((y.float() ** 2).sum(), (x, weight), create_graph=True)
+            second = torch.autograd.grad(sum(g.sum() for g in grads), (x, weight))
+        assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads + second)
+        results.append((y, *grads, *second))
+    for ours, reference in zip(*results):
+        assert torch.allclose(ours.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_one_task_at_a_time_keeps_the_batched_shapes(float64):
