@@ -3,12 +3,15 @@
 Omniglot 5-way 1-shot, meta-batch 32, conv4 (64 filters), 1 inner step at α = 0.4, with 1 and
 with 15 query examples per class. One iteration = meta-gradient of the 32 tasks + Adam step.
 Methods are timed round-robin (one iteration of each per round) so that machine noise hits
-them alike; the table shows the median over rounds. Anchors (learn2learn, TorchOpt, higher)
-are timed where they import (bench/install_anchors.sh). The script restarts itself once with
+them alike; the table shows the median over rounds, and each method's speed-up over
+learn2learn as the median of its per-round ratios (a slow phase of the machine cancels out of
+those). Anchors (learn2learn, TorchOpt, higher) are timed where they import
+(bench/install_anchors.sh). The script restarts itself once with
 glibc's allocator settings of the ``distmeta`` command (``distmeta.device.ALLOCATOR_ENV``), so
 the anchors run with them too.
 
     python bench/meta_step.py [--queries 1 15] [--algorithms maml fomaml reptile] [--rounds 7]
+                              [--methods "compile bf16" learn2learn]
 """
 from __future__ import annotations
 
@@ -66,19 +69,38 @@ def anchor(name: str, algorithm: str, device: torch.device) -> Callable[[TaskBat
     return lambda tasks: step(tasks.support[0], tasks.support[1], tasks.query[0], tasks.query[1])
 
 
-def methods(algorithm: str, device: torch.device, with_anchors: bool) -> dict[str, Callable]:
+def methods(algorithm: str, device: torch.device, with_anchors: bool, keep: list[str]) -> dict[str, Callable]:
+    """The methods to time, those whose name contains one of ``keep`` (all when empty)."""
+    def kept(name: str) -> bool:
+        return not keep or any(k in name for k in keep)
+
     variants = (("batched", "fp32", False), ("batched", "fp32", True), ("batched", "bf16", True), ("vmap", "fp32", False),
                 ("loop", "fp32", False))
-    found = {f"distmeta {path}{'+compile' if compile else ''} {precision}": ours(algorithm, path, precision, compile, device)
-             for path, precision, compile in variants}
+    found = {}
+    for path, precision, compile in variants:
+        name = f"distmeta {path}{'+compile' if compile else ''} {precision}"
+        if kept(name):
+            found[name] = ours(algorithm, path, precision, compile, device)
     if with_anchors and algorithm in ("maml", "fomaml"):
         try:
             from anchors import available_anchors
         except ImportError:
             available_anchors = lambda: []  # noqa: E731
-        for name in available_anchors():
+        for name in filter(kept, available_anchors()):
             found[name] = anchor(name, algorithm, device)
+    if not found:
+        raise SystemExit(f"--methods {keep} matches no method of {algorithm}")
     return found
+
+
+def add_round_ratios(timings: dict, anchor_name: str = "learn2learn") -> None:
+    """Each method's speed-up over the anchor as the median of per-round ratios: a round runs
+    every method once in turn, so a slow phase of the machine cancels out of its ratio."""
+    if anchor_name not in timings:
+        return
+    reference = timings[anchor_name]["all_s"]
+    for t in timings.values():
+        t[f"vs_{anchor_name}"] = statistics.median(a / s for a, s in zip(reference, t["all_s"]))
 
 
 def measure(candidates: dict[str, Callable], tasks: list[TaskBatch], rounds: int, device: torch.device) -> dict:
@@ -106,6 +128,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-anchors", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=[],
+                        help="time only methods whose name contains one of these (keep learn2learn for the x l2l column)")
     parser.add_argument("--json", default="bench/results/meta_step.json")
     args = parser.parse_args()
     if args.threads:
@@ -116,7 +140,7 @@ def main() -> None:
                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
                "meta_batch": META_BATCH, "rounds": args.rounds, "runs": []}
     print(f"torch {torch.__version__}, {results['threads']} threads, {results['device']}")
-    print(f"{'algorithm':<9} {'Q':>3} {'method':<26} {'it/s':>7} {'tasks/s':>8}")
+    print(f"{'algorithm':<9} {'Q':>3} {'method':<26} {'it/s':>7} {'tasks/s':>8} {'x l2l':>7}")
     for queries in args.queries:
         sampler = OmniglotTasks(data, ways=WAYS, shots=SHOTS, queries=queries)
         tasks = [to_device(sampler.sample("train", step, 0, META_BATCH), device) for step in range(3)]
@@ -124,9 +148,11 @@ def main() -> None:
             # torch.compile wraps every partial in one shared frame, whose recompile limit (8)
             # this many compiled methods would exhaust, silently leaving the later ones eager
             torch._dynamo.reset()
-            timings = measure(methods(algorithm, device, not args.no_anchors), tasks, args.rounds, device)
+            timings = measure(methods(algorithm, device, not args.no_anchors, args.methods), tasks, args.rounds, device)
+            add_round_ratios(timings)
             for name, t in timings.items():
-                print(f"{algorithm:<9} {queries:>3} {name:<26} {t['it_per_s']:>7.2f} {t['tasks_per_s']:>8.1f}")
+                ratio = f"{t['vs_learn2learn']:>6.2f}x" if "vs_learn2learn" in t else ""
+                print(f"{algorithm:<9} {queries:>3} {name:<26} {t['it_per_s']:>7.2f} {t['tasks_per_s']:>8.1f} {ratio}")
                 results["runs"].append({"algorithm": algorithm, "queries": queries, "method": name, **t})
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))

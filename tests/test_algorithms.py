@@ -249,10 +249,17 @@ def test_grouped_conv2d_has_the_first_and_second_derivatives_of_conv2d(stride, f
     def conv(x, weight):
         return grouped_conv2d(x, weight, stride, 1, 3)
 
-    assert torch.allclose(conv(x, weight), F.conv2d(x, weight, None, stride, 1, 1, 3), atol=1e-12)
     assert gradcheck(conv, (x, weight)) and gradgradcheck(conv, (x, weight))
-    # images that need no gradient (the first block's input): only the weight path remains
+    # an input or a weight that needs no gradient: forward returns None for it
     assert gradgradcheck(lambda weight: conv(x.detach(), weight), (weight,))
+    assert gradgradcheck(lambda x: conv(x, weight.detach()), (x,))
+    # a constant output gradient (as in MAML, where it comes from the loss): no grad_out term
+    direction = torch.randn(conv(x, weight).shape, generator=g)
+    second = []
+    for f in (conv, lambda x, weight: F.conv2d(x, weight, None, stride, 1, 1, 3)):
+        grads = torch.autograd.grad(f(x, weight), (x, weight), direction, create_graph=True)
+        second.append(torch.autograd.grad(sum((gr ** 2).sum() for gr in grads), (x, weight)))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*second))
 
 
 def test_grouped_conv2d_under_autocast_computes_in_bf16_and_returns_fp32_gradients():
@@ -360,3 +367,8 @@ def test_compiled_batched_path_matches_the_eager_one():
         assert relative_error(result.grad_sum, eager.grad_sum) < 1e-5, name
     with pytest.raises(ValueError, match="only the batched path"):
         compute_contribution(alg, model, phi, tasks, "loop", compiled_loss=fast)
+    # one graph, backward included: a break would silently run the grouped convolutions eagerly
+    whole = torch.compile(model.batched_loss, dynamic=False, fullgraph=True)
+    params = {n: p.detach().expand(4, *p.shape).clone().requires_grad_() for n, p in phi.items()}
+    losses, _ = whole(params, tasks.query)
+    losses.sum().backward()

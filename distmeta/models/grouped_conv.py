@@ -1,12 +1,13 @@
 """A grouped convolution whose second derivatives are whole grouped convolutions.
 
-PyTorch differentiates ``convolution_backward`` (``_convolution_double_backward``) one group at
-a time for grouped convolutions: with 32 tasks as 32 groups, second-order MAML's pass through
-the support gradient ran ~100 small convolutions per step, plus a slice and a copy for each.
-Both derivatives of a convolution are convolutions again, so here the backward is itself an
-autograd Function whose backward makes four grouped-convolution calls per layer, whatever the
-number of groups. The result is the same as ``F.conv2d`` (gradcheck and gradgradcheck in
-tests/test_models.py); only the per-task reference path keeps ``F.conv2d``.
+PyTorch's derivative of ``convolution_backward`` (``_convolution_double_backward``) computes
+the weight term one group at a time for grouped convolutions: with 32 tasks as 32 groups,
+second-order MAML's pass through the support gradient ran ~100 small convolutions per step,
+plus a slice and a copy for each. Both derivatives of a convolution are convolutions again,
+so here the backward is itself an autograd Function whose backward makes at most four
+grouped-convolution calls per layer, whatever the number of groups. The result is the same
+as ``F.conv2d`` (gradcheck and gradgradcheck in tests/test_algorithms.py); with one group
+(the per-task reference, vmap, one-task slices) conv4 keeps ``F.conv2d``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ _convolution_backward = torch.ops.aten.convolution_backward.default
 def grouped_conv2d(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> Tensor:
     """``F.conv2d(x, weight, None, stride, padding, 1, groups)`` with a fast double backward.
 
-    Under autocast the inputs are cast here, as ``F.conv2d`` would cast them, because the
-    saved tensors feed ``convolution_backward``, which autocast does not cover.
+    Under autocast the inputs are cast here as ``F.conv2d`` would cast them (float64 is left
+    alone), because the saved tensors feed ``convolution_backward``, which autocast does not
+    cover.
     """
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
+        x, weight = [t if t.dtype == torch.float64 else t.to(dtype) for t in (x, weight)]
         with torch.autocast(device, enabled=False):
-            return _GroupedConv.apply(x.to(dtype), weight.to(dtype), stride, padding, groups)
+            return _GroupedConv.apply(x, weight, stride, padding, groups)
     return _GroupedConv.apply(x, weight, stride, padding, groups)
 
 
@@ -77,6 +80,7 @@ class _GroupedConvBackward(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         grad_out, x, weight, ctx.geometry, _ = inputs
         ctx.save_for_backward(grad_out, x, weight)
+        ctx.set_materialize_grads(False)  # an unused gradient arrives as None, not as zeros to convolve
 
     @staticmethod
     def backward(ctx: Any, gg_x: Tensor | None, gg_w: Tensor | None) -> tuple:
