@@ -37,6 +37,11 @@ def grouped_conv2d(x: Tensor, weight: Tensor, stride: int, padding: int, groups:
     return _GroupedConv.apply(x, weight, stride, padding, groups)
 
 
+def _conv(x: Tensor, weight: Tensor, geometry: tuple[int, int, int]) -> Tensor:
+    stride, padding, groups = geometry
+    return F.conv2d(x, weight, None, stride, padding, 1, groups)
+
+
 def _backward(grad_out: Tensor, x: Tensor, weight: Tensor, geometry: tuple[int, int, int],
               mask: list[bool]) -> tuple[Tensor | None, Tensor | None]:
     """(input gradient, weight gradient) of ``conv(x, weight)`` for ``grad_out``, as ``mask`` asks."""
@@ -49,7 +54,7 @@ def _backward(grad_out: Tensor, x: Tensor, weight: Tensor, geometry: tuple[int, 
 class _GroupedConv(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> Tensor:
-        return F.conv2d(x, weight, None, stride, padding, 1, groups)
+        return _conv(x, weight, (stride, padding, groups))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -85,17 +90,16 @@ class _GroupedConvBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gg_x: Tensor | None, gg_w: Tensor | None) -> tuple:
         grad_out, x, weight = ctx.saved_tensors
-        stride, padding, groups = ctx.geometry
         need_grad_out, need_x, need_w = ctx.needs_input_grad[:3]
         terms, grad_x, grad_w = [], None, None
         if gg_x is not None:
             if need_grad_out:
-                terms.append(F.conv2d(gg_x, weight, None, stride, padding, 1, groups))
+                terms.append(_conv(gg_x, weight, ctx.geometry))
             if need_w:
                 grad_w = _backward(grad_out, gg_x, weight, ctx.geometry, [False, True])[1]
         if gg_w is not None:
             if need_grad_out:
-                terms.append(F.conv2d(x, gg_w, None, stride, padding, 1, groups))
+                terms.append(_conv(x, gg_w, ctx.geometry))
             if need_x:
                 grad_x = _backward(grad_out, x, gg_w, ctx.geometry, [True, False])[0]
         return sum(terms[1:], terms[0]) if terms else None, grad_x, grad_w, None, None
