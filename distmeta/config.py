@@ -12,8 +12,9 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -236,6 +237,9 @@ def _check_values(job: JobConfig) -> list[str]:
         (a.inner_optimizer == "sgd" or a.name != "maml", "algorithm.inner_optimizer",
          "adam needs a first-order algorithm (fomaml, reptile): √v has no derivative where a gradient is 0, "
          "so second-order MAML through it is NaN"),
+        (a.name != "reptile" or "*" in a.adapt, "algorithm.adapt",
+         "reptile must adapt every parameter ('*'): its update moves Φ toward the adapted weights, "
+         "so a parameter left out would never train"),
         (math.isfinite(job.optimizer.lr) and job.optimizer.lr > 0, "optimizer.lr", "must be finite and > 0"),
         (job.optimizer.schedule_steps is None or job.optimizer.schedule_steps >= 1, "optimizer.schedule_steps",
          "must be >= 1 or null (train.steps)"),
@@ -254,6 +258,8 @@ def _check_values(job: JobConfig) -> list[str]:
         (ev.batch >= 1, "eval.batch", "must be >= 1"),
         (not job.runtime.compile or job.runtime.path in ("auto", "batched"), "runtime.compile",
          "needs runtime.path batched or auto"),
+        (job.runtime.precision == "fp32" or job.runtime.path != "vmap", "runtime.precision",
+         "bf16 needs runtime.path batched, loop or auto: under vmap the convolutions leave autocast and run in fp32"),
         (job.runtime.threads is None or job.runtime.threads >= 1, "runtime.threads", "must be >= 1 or null"),
         (job.runtime.workers >= 0, "runtime.workers", "must be >= 0 (0 = in-process)"),
         (job.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
@@ -402,3 +408,23 @@ def load_run_job(run_dir: str | Path | Location) -> JobConfig:
 def job_to_dict(job: JobConfig) -> dict:
     """The resolved job as plain data (what a run directory records)."""
     return dataclasses.asdict(job)
+
+
+# Keys that say where a job runs and with what resources, not what it computes.
+RESOURCE_KEYS = ("runtime.workers", "runtime.address", "runtime.worker_cpus", "runtime.worker_gpus", "runtime.threads",
+                 "runtime.placement", "runtime.scale_up_timeout_s", "runtime.evaluator_cpus", "runtime.evaluator_gpus",
+                 "runtime.storage")
+
+
+def changed_keys(before: JobConfig, after: JobConfig, ignore: Sequence[str] = ()) -> list[str]:
+    """Dotted keys (``train.steps``) whose values differ between two jobs, except those that
+    match a pattern of ``ignore`` (fnmatch: ``train.*``)."""
+    old, new = _flat(job_to_dict(before)), _flat(job_to_dict(after))
+    return [k for k in old if old[k] != new[k] and not any(fnmatch(k, p) for p in ignore)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat

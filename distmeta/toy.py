@@ -1,8 +1,10 @@
 """The sinusoid toy of Finn et al. (2017): MAML against model pre-training.
 
-Both start from the same initialisation and see the same tasks for the same number of outer
-steps; then both are adapted on fresh tasks with K = 10 points and SGD at α = 0.01, and the
-query MSE after 1, 5 and 10 steps is reported, with the classic figure.
+Both start from the same initialisation and train for the same number of outer steps on
+20 points per task: MAML on 10 support + 10 query points, pre-training (which learns from
+query sets only) on 20 query points. Then both are adapted on fresh tasks with K = 10 points
+and SGD at α = 0.01, and the MSE on 10 query points after 1, 5 and 10 steps is reported,
+with the classic figure.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch  # noqa: E402
 from distmeta.algorithms import InnerLoop, adapt  # noqa: E402
 from distmeta.algorithms.inner import expand_to_tasks  # noqa: E402
 from distmeta.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from distmeta.components import build_model, build_sampler, eval_inner_loop  # noqa: E402
+from distmeta.components import build_model, build_sampler, eval_inner_loop, with_queries  # noqa: E402
 from distmeta.config import JobConfig, job_from_dict  # noqa: E402
 from distmeta.evaluate import evaluate  # noqa: E402
 from distmeta.models.mlp import mlp_forward  # noqa: E402
@@ -31,20 +33,21 @@ log = logging.getLogger("distmeta")
 METHODS = ("maml", "pretrain")
 REPORTED_STEPS = (1, 5, 10)
 DEFAULT_STEPS = 15000
-INNER_LR, SHOTS, EVAL_TASKS = 0.01, 10, 600
+INNER_LR, SHOTS, QUERIES, EVAL_TASKS = 0.01, 10, 10, 600
 
 
 def toy_job(method: str, steps: int, seed: int) -> JobConfig:
     """The paper's sinusoid settings: K = 10, MLP 1-40-40-1, α = 0.01, meta-batch 25, Adam 1e-3."""
+    queries = QUERIES if method == "maml" else SHOTS + QUERIES  # the same 20 points per task
     return job_from_dict({
         "name": f"toy_{method}", "seed": seed,
-        "task": {"dataset": "sinusoid", "shots": SHOTS, "queries": 10},
+        "task": {"dataset": "sinusoid", "shots": SHOTS, "queries": queries},
         "model": {"name": "mlp", "hidden": [40, 40]},
         "algorithm": {"name": method, "inner_lr": INNER_LR, "inner_steps": 1},
         "optimizer": {"name": "adam", "lr": 1e-3},
         "train": {"steps": steps, "meta_batch": 25, "log_every": max(steps // 20, 1), "val_every": 0,
                   "checkpoint_every": steps},
-        "eval": {"tasks": EVAL_TASKS, "inner_steps": max(REPORTED_STEPS)},
+        "eval": {"tasks": EVAL_TASKS, "queries": QUERIES, "inner_steps": max(REPORTED_STEPS)},
         "runtime": {"path": "batched", "device": "cpu"},
     })
 
@@ -59,7 +62,8 @@ def run_toy(out_dir: str | Path, steps: int | None = None, seed: int = 0) -> dic
         job = toy_job(method, steps, seed)
         train(job, out_dir / method)
         trained[method] = load_checkpoint(latest_checkpoint(out_dir / method / "checkpoints"))["phi"]
-        report = evaluate(build_model(job), trained[method], build_sampler(job), "test", job.eval.tasks,
+        sampler = with_queries(build_sampler(job), job.eval.queries)  # the tasks of the run's own final test
+        report = evaluate(build_model(job), trained[method], sampler, "test", job.eval.tasks,
                           eval_inner_loop(job), batch=job.eval.tasks, record_at=(0, *REPORTED_STEPS))
         summary[method] = {"mse": {str(k): report[k]["mse"] for k in report},
                            "mse_ci95": {str(k): report[k]["mse_ci95"] for k in report}}

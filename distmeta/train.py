@@ -14,7 +14,6 @@ import math
 import shutil
 import tempfile
 import time
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ import torch
 from distmeta.algorithms.inner import adapted_names
 from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.components import build_model, build_sampler
-from distmeta.config import JobConfig, job_to_dict, load_run_job
+from distmeta.config import RESOURCE_KEYS, JobConfig, changed_keys, job_to_dict, load_run_job
 from distmeta.device import resolve_device
 from distmeta.metrics import MetricsLog, PendingRows, Progress, plot_learning_curve
 from distmeta.runtime import LocalRuntime, Rewound, Runtime
@@ -34,9 +33,7 @@ __all__ = ["NonFiniteError", "RESUMABLE_KEYS", "default_run_dir", "train"]
 
 log = logging.getLogger("distmeta")
 # What may differ between a run and its resumption: nothing that changes the math.
-RESUMABLE_KEYS = ("train.*", "runtime.workers", "runtime.address", "runtime.worker_cpus", "runtime.worker_gpus",
-                  "runtime.threads", "runtime.placement", "runtime.scale_up_timeout_s", "runtime.evaluator_cpus", "runtime.evaluator_gpus",
-                  "runtime.storage")
+RESUMABLE_KEYS = ("train.*", *RESOURCE_KEYS)
 
 
 def default_run_dir(job: JobConfig) -> str:
@@ -120,18 +117,17 @@ def _check_run(job: JobConfig, run: Location, resume: bool) -> None:
             raise FileExistsError(f"{run} already holds a run; resume it (--resume) or choose another --out")
         return
     latest_checkpoint(run / "checkpoints")  # FileNotFoundError when there is nothing to resume
-    saved, wanted = _flat(job_to_dict(load_run_job(run))), _flat(job_to_dict(job))
-    changed = [k for k in saved if saved[k] != wanted.get(k) and not any(fnmatch(k, p) for p in RESUMABLE_KEYS)]
+    saved = load_run_job(run)
+    changed = changed_keys(saved, job, ignore=RESUMABLE_KEYS)
     if changed:
         raise ValueError(f"cannot resume {run} with a different job: {', '.join(changed)} changed "
                          f"(only {', '.join(RESUMABLE_KEYS)} may change)")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return flat
+    schedule = saved.optimizer
+    if job.train.steps != saved.train.steps and schedule.schedule != "constant" and schedule.schedule_steps is None:
+        raise ValueError(f"cannot resume {run} with train.steps {job.train.steps} instead of {saved.train.steps}: "
+                         f"its {schedule.schedule} learning-rate schedule decays over train.steps "
+                         f"(optimizer.schedule_steps is null), so the rate would jump mid-run; keep train.steps, "
+                         f"or start runs that may be extended with optimizer.schedule_steps set")
 
 
 def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, state: dict[str, Any] | None,

@@ -166,6 +166,13 @@ def test_inner_adam_is_torch_optim_adam_on_each_task_and_every_path_agrees(algor
         adapt(model.batched_loss, expand_to_tasks(leaves, 3), tasks.support, inner._replace(optimizer="adamw"), False)
 
 
+def test_combinations_that_would_train_wrongly_are_refused_by_the_algorithms():
+    with pytest.raises(ValueError, match="second-order MAML cannot differentiate through inner Adam"):
+        build_algorithm("maml", InnerLoop(lr=0.01, steps=1, optimizer="adam"))
+    with pytest.raises(ValueError, match="Reptile .* must adapt every parameter"):
+        build_algorithm("reptile", InnerLoop(lr=0.01, steps=1, adapt=("head.*",)))
+
+
 def test_reptile_delta_matches_a_hand_computed_case(float64):
     model = linear_model()
     phi = {"w": torch.tensor(0.5)}

@@ -37,6 +37,8 @@ def test_the_paper_settings_are_in_the_paper_jobs():
     ({"optimizer": {"lr": float("inf")}}, "optimizer.lr", "must be finite and > 0"),
     ({"optimizer": {"schedule": "exponential"}}, "optimizer.schedule", "choose one of constant, linear, cosine"),
     ({"algorithm": {"inner_optimizer": "adam"}}, "algorithm.inner_optimizer", "needs a first-order algorithm"),
+    ({"algorithm": {"name": "reptile", "adapt": ["head.*"]}}, "algorithm.adapt", "would never train"),
+    ({"runtime": {"path": "vmap", "precision": "bf16"}}, "runtime.precision", "under vmap the convolutions"),
     ({"optimizer": {"schedule_steps": 0}}, "optimizer.schedule_steps", "must be >= 1"),
     ({"train": {"log_every": 20, "val_every": 50}}, "train.val_every", "multiple of train.log_every"),
     ({"train": {"val_tasks": 1}}, "train.val_tasks", "must be >= 2"),

@@ -122,6 +122,15 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_math(tmp_path
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20
 
 
+def test_resuming_with_more_steps_under_a_decaying_schedule_is_refused(tmp_path):
+    decaying = ("optimizer.schedule=linear",)
+    train(sinusoid_job(10, *decaying), tmp_path / "run")
+    with pytest.raises(ValueError, match="linear learning-rate schedule decays over train.steps"):
+        train(sinusoid_job(20, *decaying), tmp_path / "run", resume=True)
+    train(sinusoid_job(10, *decaying, "optimizer.schedule_steps=20"), tmp_path / "fixed")
+    assert train(sinusoid_job(20, *decaying, "optimizer.schedule_steps=20"), tmp_path / "fixed", resume=True)["steps"] == 20
+
+
 def test_non_finite_meta_gradient_stops_with_checkpoints_intact(tmp_path):
     job = sinusoid_job(30)
     with pytest.raises(NonFiniteError, match="non-finite meta-gradient at step 15 in layer1.weight"):

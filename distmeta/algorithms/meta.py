@@ -49,7 +49,15 @@ def _named(leaves: Params, grads: tuple) -> Params:
 
 def maml(inner: InnerLoop, first_order: bool = False) -> Algorithm:
     """MAML: ∇Φ Σₙ lₙ(θ̂ⁿ(Φ)). Second-order keeps the inner steps' Hessian terms; first-order
-    treats each inner gradient as a constant, so the outer gradient is Σₙ ∇θ̂ lₙ(θ̂ⁿ)."""
+    treats each inner gradient as a constant, so the outer gradient is Σₙ ∇θ̂ lₙ(θ̂ⁿ).
+
+    Raises:
+        ValueError: second-order through inner Adam, whose √v has no derivative where a
+            gradient is 0, so the meta-gradient would be NaN.
+    """
+    if not first_order and inner.optimizer == "adam":
+        raise ValueError("second-order MAML cannot differentiate through inner Adam (√v at v = 0 gives NaN); "
+                         "use inner SGD, or first-order MAML / Reptile with Adam")
 
     def contribution(losses: TaskLosses, phi: Params, tasks: TaskBatch) -> Contribution:
         with torch.enable_grad():
@@ -67,7 +75,14 @@ def reptile(inner: InnerLoop) -> Algorithm:
     """Reptile: the pseudo-gradient Σₙ (Φ − θ̂ⁿ); SGD with step ε on its mean is Reptile's update.
 
     The reported query metrics are those of the adapted weights.
+
+    Raises:
+        ValueError: the inner loop adapts only some parameters: the others would have θ̂ = Φ,
+            a zero delta, and never train.
     """
+    if "*" not in inner.adapt:
+        raise ValueError(f"Reptile moves Φ toward the adapted weights, so it must adapt every parameter "
+                         f"(adapt ['*']), not {list(inner.adapt)}: the others would never train")
 
     def contribution(losses: TaskLosses, phi: Params, tasks: TaskBatch) -> Contribution:
         with torch.enable_grad():

@@ -1,7 +1,8 @@
 """How a slice of tasks is evaluated: hand-batched, ``vmap``-batched, or one task at a time.
 
 All three compute the same Contribution (tests hold them to 1e-5); which is fastest depends
-on the device and the sizes, so ``auto`` measures them (see ``distmeta.runtime.local``).
+on the device and the sizes, so ``auto`` times the batched path against the loop on real
+tasks (``distmeta.runtime.local``; vmap was never the faster of the two in the benchmarks).
 The per-task loop is the reference implementation.
 """
 
