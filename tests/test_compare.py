@@ -29,7 +29,7 @@ from distmeta.compare.pipeline import (
     training_tokens,
 )
 from distmeta.compare.pretrain import run_pretraining
-from distmeta.compare.report import markdown
+from distmeta.compare.report import markdown, score_budget
 from distmeta.components import build_model, transformer_size
 from distmeta.config import ConfigError, load_job
 from distmeta.data.omniglot import default_cache_dir
@@ -54,6 +54,7 @@ def write_compare(tmp_path: Path, **changes) -> Path:
     ({"finetune": {"budgets": [0, -5]}}, "finetune.budgets: must be target-token counts >= 0 or 'all'"),
     ({"finetune": {"budgets": ["most"]}}, "finetune.budgets"),
     ({"targets": ["deu"]}, "targets: must not overlap sources"),
+    ({"vocab_languages": ["deu", "fra", "spa", "ita"]}, "vocab_languages: must include every source and target"),
     ({"decode": {"beam": 0}}, "decode.beam: must be >= 1"),
     ({"pretrain": {"workers": 0}}, "pretrain.workers: must be >= 1"),
     ({"finetune": {"lr": 0.0}}, "finetune.lr: must be a rate or a list of rates, each finite and > 0"),
@@ -66,6 +67,14 @@ def write_compare(tmp_path: Path, **changes) -> Path:
 def test_a_bad_comparison_names_its_key(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_compare(write_compare(tmp_path, **changes))
+
+
+def test_an_initialisation_that_translates_exactly_as_pre_training_is_not_significantly_different():
+    refs = [f"sentence number {i} says something about {i % 7} cats" for i in range(60)]
+    worse = [" ".join(r.split()[:-2]) for r in refs]
+    scores = score_budget({"pretrain": worse, "maml": list(worse), "random": refs}, refs, bootstrap=200)
+    assert scores["maml"]["bleu_p_vs_pretrain"] == scores["maml"]["chrf_p_vs_pretrain"] == 1.0
+    assert scores["random"]["bleu_p_vs_pretrain"] < 0.01 and scores["random"]["bleu"] > scores["pretrain"]["bleu"]
 
 
 def test_set_overrides_the_comparison_and_through_it_the_meta_job(tmp_path):
@@ -234,16 +243,24 @@ def test_budgets_that_hold_all_of_a_target_s_pairs_are_one_run():
 
 
 @needs_data
-def test_a_run_folder_of_another_meta_training_job_is_refused(tmp_path):
-    (tmp_path / "compare.json").write_text(json.dumps({"meta_job": {"name": "something else"}}))
-    with pytest.raises(ValueError, match="another meta-training job; use another --out"):
-        compare(SMOKE, tmp_path, stage="report")
-
-
-@needs_data
-def test_a_run_folder_recorded_before_a_key_was_added_still_matches_its_job(tmp_path):
+def test_a_run_folder_of_another_meta_training_job_or_data_is_refused_but_may_move(tmp_path):
     compare(SMOKE, tmp_path, stage="prepare")
-    record = json.loads((tmp_path / "compare.json").read_text())
-    del record["meta_job"]["runtime"]["scale_up_timeout_s"]  # as a run folder from before that key
-    (tmp_path / "compare.json").write_text(json.dumps(record))
+    recorded = json.loads((tmp_path / "compare.json").read_text())
+
+    def record(edit) -> None:
+        changed = json.loads(json.dumps(recorded))
+        edit(changed)
+        (tmp_path / "compare.json").write_text(json.dumps(changed))
+
+    record(lambda r: r["meta_job"]["algorithm"].update(inner_lr=0.5))
+    with pytest.raises(ValueError, match=r"another meta-training job or data \(algorithm.inner_lr changed\)"):
+        compare(SMOKE, tmp_path, stage="prepare")
+    record(lambda r: r.update(data_sha256="0" * 64))  # the same path, but other content
+    with pytest.raises(ValueError, match="the translation data's content"):
+        compare(SMOKE, tmp_path, stage="prepare")
+    # the folder made elsewhere (data and cache at other paths, other resources) by a distmeta
+    # from before runtime.scale_up_timeout_s existed
+    record(lambda r: (r["meta_job"]["data"].update(translation="/elsewhere/pairs.parquet", cache="/elsewhere/cache"),
+                      r["meta_job"]["runtime"].update(workers=7, threads=3),
+                      r["meta_job"]["runtime"].pop("scale_up_timeout_s")))
     compare(SMOKE, tmp_path, stage="prepare")

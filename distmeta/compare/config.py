@@ -51,9 +51,9 @@ class DecodeConfig:
     beam: int = 4  # 1: greedy
     alpha: float = 0.6  # GNMT length penalty
     max_len: int = 64  # output pieces
-    dev_pairs: int = 500  # dev pairs decoded for dev chrF (the first ones, in file order)
-    test_pairs: int = 1000
-    batch: int = 64  # sentences per greedy batch
+    dev_pairs: int = 500  # the first dev pairs: their loss early-stops fine-tuning and picks its rate; dev chrF
+    test_pairs: int = 1000  # the first test pairs, scored in the report
+    batch: int = 64  # sentences decoded at once
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,9 @@ def load_compare(path: str | Path, overrides: list[str] = ()) -> tuple[CompareCo
         (bool(spec.sources), "sources", "must name at least one language"),
         (bool(spec.targets), "targets", "must name at least one language"),
         (not set(spec.sources) & set(spec.targets), "targets", "must not overlap sources (a target is unseen in meta-training)"),
-        (set(spec.sources) <= set(vocab), "vocab_languages", "must include every source language (or be empty)"),
+        (set(spec.sources) | set(spec.targets) <= set(vocab), "vocab_languages",
+         "must include every source and target language, or be empty (the encoded store holds the "
+         "tokeniser's languages; a tokeniser that never sees target text is not supported)"),
         (spec.pretrain.workers >= 1, "pretrain.workers", "must be >= 1"),
         (spec.pretrain.worker_cpus > 0, "pretrain.worker_cpus", "must be > 0"),
         (bool(f.budgets) and all(b == "all" or (isinstance(b, int) and b >= 0) for b in f.budgets), "finetune.budgets",

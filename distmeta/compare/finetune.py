@@ -39,15 +39,11 @@ class Finetuned(NamedTuple):
 def token_batches(tasks: TranslationTasks, rows: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     """``rows`` cut, in order, into batches of at most ``batch_tokens`` target tokens (one
     pair at least)."""
-    batches, current, used = [], [], 0
-    for row in rows:
-        cost = tasks.target_cost(row)
-        if current and used + cost > batch_tokens:
-            batches.append(np.array(current))
-            current, used = [], 0
-        current.append(row)
-        used += cost
-    return batches + ([np.array(current)] if current else [])
+    batches = []
+    while len(rows):
+        batch, rows = tasks.take_tokens(rows, batch_tokens)
+        batches.append(np.array(batch))
+    return batches
 
 
 @torch.no_grad()

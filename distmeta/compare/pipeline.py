@@ -10,10 +10,11 @@ low-resource translation (Gu et al. 2018), as cached, resumable stages on one Ra
     report    sacrebleu BLEU / chrF with 95% CIs and paired bootstrap, report.md,
               results.json and the learning-curve PNG
 
-Each stage skips the work whose result is already on disk, so a crash or a new target
-redoes only what is missing; ``--stage`` runs one stage (after checking that its inputs
-exist). The run folder records the configuration; a stage refuses to reuse results made
-under a different one.
+Each stage skips the work whose result is already on disk, so a crash redoes only what is
+missing; ``--stage`` runs one stage (after checking that its inputs exist). The run folder
+records the configuration; a stage refuses to reuse results made under a different one. A
+new target changes the default tokeniser (trained on sources and targets), so a folder that
+is to take more targets later names them in ``vocab_languages`` from the start.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ import torch
 from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.compare.config import INITS, CompareConfig, budget_name, load_compare, pretrain_job
 from distmeta.components import build_model, data_cache, transformer_size, translation_source
-from distmeta.config import ConfigError, JobConfig, job_from_dict, job_to_dict
-from distmeta.data.translation import TranslationTasks, open_store, prepare_translation, read_source
+from distmeta.config import RESOURCE_KEYS, ConfigError, JobConfig, changed_keys, job_from_dict, job_to_dict
+from distmeta.data.translation import TranslationTasks, open_store, prepare_translation, read_source, source_digest
 
 log = logging.getLogger("distmeta.compare")
 STAGES = ("prepare", "meta", "pretrain", "finetune", "report")
@@ -81,21 +82,28 @@ def _resolved_data(job: JobConfig) -> JobConfig:
 
 def _record_config(folder: Path, spec: CompareConfig, job: JobConfig) -> None:
     """Write compare.json, after checking that a comparison already there had the same
-    meta-training job (the initialisations); fine-tuning results carry their own settings."""
-    record = {"compare": asdict(spec), "meta_job": job_to_dict(job)}
+    meta-training job (the initialisations) on the same data; fine-tuning results carry their
+    own settings. The data is compared by content, not by path, and where the job runs (the
+    runtime's resources) does not count, so a folder moves between machines."""
+    record = {"compare": asdict(spec), "meta_job": job_to_dict(job), "data_sha256": source_digest(translation_source(job))}
     recorded = folder / "compare.json"
-    if recorded.exists() and _as_current(json.loads(recorded.read_text()).get("meta_job")) != record["meta_job"]:
-        raise ValueError(f"{folder} holds a comparison with another meta-training job; use another --out for this one")
+    if recorded.exists():
+        differences = _differences(json.loads(recorded.read_text()), record)
+        if differences:
+            raise ValueError(f"{folder} holds a comparison made with another meta-training job or data "
+                             f"({'; '.join(differences)}); use another --out for this one")
     recorded.write_text(json.dumps(record, indent=2))
 
 
-def _as_current(recorded: dict | None) -> dict | None:
-    """A recorded meta job with the defaults of keys added to distmeta since, so that an
-    older run folder still matches the same job (None: unreadable as a job now)."""
-    try:
-        return job_to_dict(job_from_dict(recorded or {}, "recorded meta job"))
-    except ConfigError:
-        return None
+def _differences(recorded: dict, record: dict) -> list[str]:
+    """What differs between a recorded comparison and this one, as far as its results go."""
+    differences = [] if recorded.get("data_sha256") == record["data_sha256"] else ["the translation data's content"]
+    try:  # read as a job now, so keys added to distmeta since take their defaults
+        before = job_from_dict(recorded.get("meta_job") or {}, "recorded meta job")
+    except ConfigError as error:
+        return [*differences, str(error)]
+    changed = changed_keys(before, job_from_dict(record["meta_job"]), ignore=(*RESOURCE_KEYS, "data.*"))
+    return differences + ([f"{', '.join(changed)} changed"] if changed else [])
 
 
 def _data(job: JobConfig, languages: list[str]) -> tuple[Any, TranslationTasks]:
@@ -260,7 +268,7 @@ def finetune_run(spec_dict: dict, job_dict: dict, phi: dict[str, torch.Tensor], 
                "train_pairs": len(train_rows), "train_tokens": tasks.target_tokens(train_rows),
                "steps": tuned.steps, "best_step": tuned.best_step, "dev_loss": tuned.dev_loss,
                "start_dev_loss": tuned.start_dev_loss, "curve": tuned.curve,
-               "finetune_s": time.perf_counter() - began}
+               "finetune_s": time.perf_counter() - began, "test_sources_cut": tasks.sources_cut(test_rows)}
     summary["dev_hypotheses"] = translate(tuned.phi, size, tasks, pipeline, dev_rows, spec.decode, device)
     summary["test_hypotheses"] = translate(tuned.phi, size, tasks, pipeline, test_rows, spec.decode, device)
     summary["seconds"] = time.perf_counter() - began

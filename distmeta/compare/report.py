@@ -28,7 +28,8 @@ Budgets = dict[str, dict[Any, list[Any]]]  # target → budget run → the reque
 
 def score_budget(hypotheses: dict[str, list[str]], refs: list[str], bootstrap: int) -> dict[str, dict[str, Any]]:
     """BLEU and chrF of each initialisation's test output with 95% CIs, and the paired-bootstrap
-    p-value of each against the pre-training baseline."""
+    p-value of each against the pre-training baseline (1 for output identical to it, where
+    sacrebleu, counting resamples with a larger gap than none, would give its smallest p)."""
     order = [BASELINE, *(i for i in INITS if i != BASELINE)]
     logging.getLogger("sacrebleu").setLevel(logging.WARNING)  # one INFO line per resampling otherwise
     _, scores = PairedTest([(name, hypotheses[name]) for name in order], {"BLEU": BLEU(), "chrF": CHRF()}, [refs],
@@ -40,8 +41,9 @@ def score_budget(hypotheses: dict[str, list[str]], refs: list[str], bootstrap: i
         key = "bleu" if metric.startswith("BLEU") else "chrf"
         for name, result in zip(order, results):
             as_float = lambda v: None if v is None else float(v)  # noqa: E731 (numpy scalars → JSON)
+            same = name != BASELINE and hypotheses[name] == hypotheses[BASELINE]
             out[name] |= {key: float(result.score), f"{key}_ci95": as_float(result.ci),
-                          f"{key}_p_vs_pretrain": as_float(result.p_value)}
+                          f"{key}_p_vs_pretrain": 1.0 if same else as_float(result.p_value)}
     return out
 
 
@@ -67,7 +69,8 @@ def write_report(spec: CompareConfig, job: JobConfig, folder: Path, results: dic
                            "seed": seed, "init": init,
                            "train_pairs": run["train_pairs"], "train_tokens": run["train_tokens"], "steps": run["steps"],
                            "best_step": run["best_step"], "lr": run["lr"], "dev_loss": run["dev_loss"],
-                           "start_dev_loss": run["start_dev_loss"], **scores[init],
+                           "start_dev_loss": run["start_dev_loss"], "test_sources_cut": run.get("test_sources_cut"),
+                           **scores[init],
                            "dev_chrf": CHRF().corpus_score(run["dev_hypotheses"], [dev_refs]).score}
                     if starts is not None:
                         row["start_dev_chrf"] = CHRF().corpus_score(starts[init], [dev_refs]).score
@@ -126,6 +129,10 @@ def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]], up
         p_bleu, p_chrf = by["maml"]["bleu_p_vs_pretrain"], by["maml"]["chrf_p_vs_pretrain"]
         tokens = f"{names[target, budget]} ({by['maml']['train_tokens']})" if budget != "0" else "0"
         lines.append(f"| {target} | {tokens} | {seed} | {' | '.join(cells)} | {p_bleu:.4f} | {' | '.join(chrf)} | {p_chrf:.4f} |")
+    cut = {r["target"]: r["test_sources_cut"] for r in rows if r["test_sources_cut"]}
+    if cut:
+        lines += ["", f"Test sources longer than {t.max_len} pieces are cut to {t.max_len} before decoding, alike for "
+                  f"every initialisation: " + ", ".join(f"{target} {n} of {spec.decode.test_pairs}" for target, n in cut.items()) + "."]
     lines += ["", "Dev chrF of the initialisation → after fine-tuning (updates to the best check, Adam rate):", "",
               "| target | budget | seed | MAML | pre-train | random |", "|---|---|---|---|---|---|"]
     for target, budget, seed in dict.fromkeys((r["target"], r["budget"], r["seed"]) for r in rows):

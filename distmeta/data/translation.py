@@ -296,8 +296,9 @@ class TranslationTasks:
                                     "needs a support and a query set")
                 self.by_language[lang, split] = rows
 
-    def _fill(self, rows: np.ndarray, budget: int) -> tuple[list[int], np.ndarray]:
-        """The leading rows whose target tokens (with bos/eos) fit ``budget`` (at least one)."""
+    def take_tokens(self, rows: np.ndarray, budget: int) -> tuple[list[int], np.ndarray]:
+        """The leading rows whose target tokens (with bos/eos) fit ``budget`` (at least one),
+        and the rows after them: the one rule of every token budget (tasks, batches, fine-tuning sets)."""
         taken, used = [], 0
         for position, row in enumerate(rows):
             cost = self.target_cost(row)
@@ -317,10 +318,7 @@ class TranslationTasks:
         depends on ``seed`` alone, so smaller budgets are prefixes of larger ones and every
         initialisation fine-tunes on the same pairs."""
         order = np.random.default_rng([seed, 7919]).permutation(self.by_language[lang, "train"])
-        if tokens is None:
-            return order
-        costs = np.array([self.target_cost(r) for r in order])
-        return order[:max(1, int(np.searchsorted(np.cumsum(costs), tokens, side="right")))]
+        return order if tokens is None else order[:len(self.take_tokens(order, tokens)[0])]
 
     def target_tokens(self, rows: np.ndarray) -> int:
         """Target tokens of ``rows`` as the model sees them (cut to max_len, with bos/eos)."""
@@ -329,6 +327,10 @@ class TranslationTasks:
     def target_cost(self, row: int) -> int:
         """Target tokens of one pair as the model sees it: cut to max_len, with bos and eos."""
         return min(len(self.tgt.row(row)), self.max_len) + 2
+
+    def sources_cut(self, rows: Sequence[int]) -> int:
+        """How many of ``rows`` have a source longer than max_len pieces (the model sees it cut)."""
+        return sum(len(self.src.row(r)) > self.max_len for r in rows)
 
     def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The pairs ``rows`` as one padded batch: source ids (B, S), target ids (B, L)."""
@@ -341,8 +343,8 @@ class TranslationTasks:
             rng = task_rng(self.seed, split, step, index)
             lang = self.languages[rng.integers(len(self.languages))]
             order = rng.permutation(self.by_language[lang, DATA_SPLIT[split]])
-            support, rest = self._fill(order[:-1], self.support_tokens)  # the last row is kept for the query
-            query, _ = self._fill(np.concatenate([rest, order[-1:]]), self.query_tokens)
+            support, rest = self.take_tokens(order[:-1], self.support_tokens)  # the last row is kept for the query
+            query, _ = self.take_tokens(np.concatenate([rest, order[-1:]]), self.query_tokens)
             tasks.append((support, query))
         return TaskBatch(self._pad([s for s, _ in tasks]), self._pad([q for _, q in tasks]))
 
