@@ -379,3 +379,28 @@ def test_compiled_batched_path_matches_the_eager_one():
     params = {n: p.detach().expand(4, *p.shape).clone().requires_grad_() for n, p in phi.items()}
     losses, _ = whole(params, tasks.query)
     losses.sum().backward()
+
+
+def test_bf16_meta_gradients_on_real_tasks_point_where_float64_ones_do(omniglot_env):
+    """bf16 autocast changes a meta-gradient far less than drawing another meta-batch does
+    (docs/results.md measures it on trained and untrained Φ)."""
+    from distmeta.data.omniglot import load_omniglot
+    from distmeta.data.omniglot_tasks import OmniglotTasks
+
+    sampler = OmniglotTasks(load_omniglot(), ways=5, shots=1, queries=5)
+    model, alg = make_conv4(ways=5), build_algorithm("maml", InnerLoop(lr=0.4, steps=1))
+    phi = model.init(torch.Generator().manual_seed(0))
+
+    def meta_gradient(step: int, dtype: torch.dtype, precision: str = "fp32") -> torch.Tensor:
+        tasks = TaskBatch(*((x.to(dtype), y) for x, y in sampler.sample("train", step, 0, 16)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            grads = compute_contribution(alg, model, {n: p.to(dtype) for n, p in phi.items()}, tasks, "batched").grad_sum
+        return torch.cat([g.double().flatten() for g in grads.values()])
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a @ b / (a.norm() * b.norm()))
+
+    reference = meta_gradient(0, torch.float64)
+    bf16, another_batch = meta_gradient(0, torch.float32, "bf16"), meta_gradient(1, torch.float64)
+    assert cosine(bf16, reference) > 0.8
+    assert abs(cosine(another_batch, reference)) < 0.5
