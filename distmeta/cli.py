@@ -92,7 +92,7 @@ def _validate(args: argparse.Namespace) -> int:
             else:
                 load_job(path, args.set)
             print(f"{path}: ok")
-        except (ConfigError, FileNotFoundError) as error:
+        except (ConfigError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             failed += 1
     return 2 if failed else 0
@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("job", nargs="?", help="YAML job file (see jobs/); omitted with --resume")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a job key, e.g. --set train.steps=100 (repeatable); "
-                            "with --resume only train.* and the runtime's resource keys may change")
+                            "with --resume only train.* keys other than meta_batch and the runtime's resource keys may change")
     train.add_argument("--out", help="run location: a folder or a URI such as s3://bucket/runs/x (default "
                                      "<runtime.storage or runs>/<name>-<date>-<time>); must hold no run yet")
     train.add_argument("--resume", metavar="RUN_DIR",
@@ -176,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (DataError, FileNotFoundError, FileExistsError, PermissionError, NonFiniteError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        cause = getattr(error, "cause", None)  # raised in a Ray actor: its own message, not Ray's traceback
+        print(f"error: {cause if isinstance(cause, BaseException) else error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

@@ -264,6 +264,9 @@ def _check_values(job: JobConfig) -> list[str]:
         (job.runtime.workers >= 0, "runtime.workers", "must be >= 0 (0 = in-process)"),
         (job.runtime.worker_cpus > 0, "runtime.worker_cpus", "must be > 0"),
         (job.runtime.worker_gpus >= 0, "runtime.worker_gpus", "must be >= 0"),
+        (job.runtime.device != "cuda" or job.runtime.workers == 0 or job.runtime.worker_gpus > 0, "runtime.device",
+         "cuda with Ray task workers needs runtime.worker_gpus > 0: a worker computes on the GPU share Ray reserves "
+         "for it, on the CPU without one"),
         (0 <= job.runtime.scale_up_timeout_s < math.inf, "runtime.scale_up_timeout_s", "must be >= 0 and finite"),
         (job.runtime.staleness >= 0, "runtime.staleness", "must be >= 0"),
         (job.runtime.server_threads >= 1, "runtime.server_threads", "must be >= 1"),
@@ -281,6 +284,7 @@ def _check_values(job: JobConfig) -> list[str]:
             (t.shots + ev.queries <= DRAWINGS_PER_CHARACTER, "eval.queries",
              f"task.shots + eval.queries = {t.shots + ev.queries} exceeds the {DRAWINGS_PER_CHARACTER} drawings per character"),
             (job.model.name == "conv4", "model.name", "omniglot tasks need model conv4"),
+            (job.model.width >= 1, "model.width", "must be >= 1"),
         ]
         if t.protocol == "vinyals":
             train_chars = VINYALS_TRAIN_CHARACTERS - t.val_characters
@@ -292,7 +296,11 @@ def _check_values(job: JobConfig) -> list[str]:
                  f"{t.ways} ways but the smallest vinyals split has {smallest} classes"),
             ]
     elif t.dataset == "sinusoid":
-        rules.append((job.model.name == "mlp", "model.name", "sinusoid tasks need model mlp"))
+        rules += [
+            (job.model.name == "mlp", "model.name", "sinusoid tasks need model mlp"),
+            (bool(job.model.hidden) and all(h >= 1 for h in job.model.hidden), "model.hidden",
+             "must be one or more layer sizes, each >= 1"),
+        ]
     else:
         m = job.model
         rules += [
@@ -320,7 +328,8 @@ def job_from_dict(raw: Any, source: str = "job") -> JobConfig:
     """A validated JobConfig from parsed YAML.
 
     Raises:
-        ConfigError: listing every unknown key, wrong type and impossible value.
+        ConfigError: listing every unknown key and wrong type; when there are none, every
+            impossible value (value rules need well-typed values).
     """
     problems: list[str] = []
     job = build_config(JobConfig, raw, "", problems)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import time
 from collections import deque
@@ -9,6 +10,8 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
+
+from distmeta.storage import Location
 
 log = logging.getLogger("distmeta")
 
@@ -41,10 +44,12 @@ class MetricsLog:
         self.board = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def _rewrite(self, rows: list[dict]) -> None:
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, self.columns or [])
-            writer.writeheader()
-            writer.writerows(rows)
+        """Replace the file at once: a crash while rewriting must not lose the history."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.columns or [])
+        writer.writeheader()
+        writer.writerows(rows)
+        Location(self.path).write_bytes(text.getvalue().encode())
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Append a row; a metric seen for the first time (e.g. the first validation)

@@ -33,7 +33,8 @@ __all__ = ["NonFiniteError", "RESUMABLE_KEYS", "default_run_dir", "train"]
 
 log = logging.getLogger("distmeta")
 # What may differ between a run and its resumption: nothing that changes the math.
-RESUMABLE_KEYS = ("train.*", *RESOURCE_KEYS)
+RESUMABLE_KEYS = ("train.steps", "train.time_limit_s", "train.log_every", "train.val_every", "train.val_tasks",
+                  "train.checkpoint_every", "train.keep_checkpoints", *RESOURCE_KEYS)
 
 
 def default_run_dir(job: JobConfig) -> str:
@@ -73,7 +74,7 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
         if resume:
             run.download_to(local_dir, skip=("checkpoints",))
     local_dir.mkdir(parents=True, exist_ok=True)
-    (local_dir / "config.json").write_text(json.dumps(job_to_dict(job), indent=2))
+    Location(local_dir / "config.json").write_bytes(json.dumps(job_to_dict(job), indent=2).encode())
     file_log = logging.FileHandler(local_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(file_log)
@@ -82,6 +83,8 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
         torch.set_num_threads(job.runtime.threads)
     adapted_names(build_model(job).init(torch.Generator()), job.algorithm.adapt)  # fail now, not at evaluation
     state = load_checkpoint(latest_checkpoint(run / "checkpoints")) if resume else None
+    if state and job.train.steps < state["step"]:
+        raise ValueError(f"cannot resume {run} with train.steps {job.train.steps}: its checkpoint is at step {state['step']}")
     try:
         with contextlib.ExitStack() as stack:
             if runtime is None:

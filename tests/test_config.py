@@ -47,7 +47,10 @@ def test_the_paper_settings_are_in_the_paper_jobs():
     ({"task": {"rotations": [0, 45]}}, "task.rotations", "0, 90, 180, 270"),
     ({"runtime": {"scale_up_timeout_s": -1}}, "runtime.scale_up_timeout_s", "must be >= 0 and finite"),
     ({"runtime": {"path": "gpu"}}, "runtime.path", "choose one of auto, batched, vmap, loop"),
+    ({"runtime": {"device": "cuda", "workers": 2}}, "runtime.device", "needs runtime.worker_gpus > 0"),
     ({"task": {"dataset": "sinusoid"}}, "model.name", "sinusoid tasks need model mlp"),
+    ({"model": {"width": 0}}, "model.width", "must be >= 1"),
+    ({"task": {"dataset": "sinusoid"}, "model": {"name": "mlp", "hidden": [40, 0]}}, "model.hidden", "each >= 1"),
     ({"eval": 3}, "eval", "expected a mapping"),
 ])
 def test_bad_values_name_the_key(raw, key, text):

@@ -109,6 +109,10 @@ def test_an_update_that_makes_phi_non_finite_raises_and_the_store_can_never_be_s
         store.state_dict()  # so no checkpoint can hold it
     with pytest.raises(NonFiniteError, match="non-finite updated Φ at step 0"):
         store.submit(0, 0, part(0, 1))
+    overflowing = ParameterStore(params(), sgd(1e10), meta_batch=1)  # every value finite, conv.weight's sum not
+    grad = torch.cat([torch.full((36,), 3e28), torch.zeros(5)])
+    with pytest.raises(NonFiniteError, match="non-finite updated Φ at step 0 in conv.weight;"):
+        overflowing.submit(0, 0, FlatContribution(grad, 1, {}))
 
 
 def test_async_applies_a_meta_batch_of_arrivals_and_drops_too_stale_ones():

@@ -116,6 +116,10 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_math(tmp_path
         train(sinusoid_job(10), tmp_path / "run")
     with pytest.raises(ValueError, match="algorithm.inner_lr changed"):
         train(sinusoid_job(20, "algorithm.inner_lr=0.5"), tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match="train.meta_batch changed"):  # the tasks of every step would change
+        train(sinusoid_job(20, "train.meta_batch=3"), tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match="train.steps 5: its checkpoint is at step 10"):
+        train(sinusoid_job(5), tmp_path / "run", resume=True)
     assert main(["train", str(JOBS / "sinusoid_smoke.yaml"), "--resume", str(tmp_path / "run")]) == 2
     assert "give no job file" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=20"]) == 0

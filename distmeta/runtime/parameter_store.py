@@ -99,7 +99,8 @@ class FlatLayout(NamedTuple):
                                 {k: float(v) for k, v in contribution.metrics.items()})
 
     def non_finite_names(self, flat: torch.Tensor) -> list[str]:
-        return [n for n, part in self.unflatten(flat).items() if not torch.isfinite(part).all()]
+        """The parameters that ``_finite`` rejects: a NaN or inf, or a sum that overflows."""
+        return [n for n, part in self.unflatten(flat).items() if not _finite(part)]
 
 
 class ParameterStore:
@@ -224,7 +225,7 @@ class ParameterStore:
             grads = total.grad_sum.to(self.flat.dtype) / total.num_tasks
             new_phi, new_state = self.optimizer.update({"phi": self.flat}, {"phi": grads}, self.opt_state, donate=True)
         if not _finite(new_phi["phi"]):
-            bad = ", ".join(self.layout.non_finite_names(new_phi["phi"]))
+            bad = ", ".join(self.layout.non_finite_names(new_phi["phi"])) or "the sum of all (it overflows float32)"
             self.failure = (f"non-finite updated Φ at step {self.version} in {bad}; the run stops and the "
                             "checkpoints, all from before this step, are intact. Lower optimizer.lr.")
             self._check_usable()

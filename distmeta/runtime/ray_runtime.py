@@ -59,7 +59,7 @@ from distmeta.storage import Location
 
 log = logging.getLogger("distmeta.runtime")
 
-FORWARDED_ENV = ("DISTMETA_OMNIGLOT", "DISTMETA_CACHE")
+FORWARDED_ENV = ("DISTMETA_OMNIGLOT", "DISTMETA_TRANSLATION", "DISTMETA_CACHE")
 MAX_RESTARTS = 3  # an actor that keeps dying fails the run instead of retrying forever
 MAX_NON_FINITE_RETRIES = 2  # recomputations of a step whose slices came back non-finite
 PLACEMENT_TIMEOUT_S = 60.0
