@@ -107,17 +107,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, dict]:
              (spec.test_tasks >= 2, "test_tasks", "must be >= 2")]
     problems += [f"{key}: {message}" for ok, key, message in rules if not ok]
     if not problems:
-        job = job_from_dict(base, f"{path}: base job")
-        tr = job.train
-        if tr.val_every == 0 or tr.steps % tr.val_every:
-            problems.append(f"base job train.val_every: trials report at each validation; it must be > 0 and divide "
-                            f"train.steps ({tr.steps})")
-        if tr.checkpoint_every != tr.val_every:
-            problems.append(f"base job train.checkpoint_every: trials report a validation with its checkpoint; set it "
-                            f"to train.val_every ({tr.val_every}), e.g. in overrides")
-        if spec.metric != "val_loss" and ("accuracy" in spec.metric) != (job.task.dataset == "omniglot"):
-            problems.append(f"metric: {spec.metric} does not exist for {job.task.dataset} tasks; choose "
-                            f"{'val_accuracy' if job.task.dataset == 'omniglot' else 'val_mse'} or val_loss")
+        problems = [f"base job {p}" for p in _trial_problems(job_from_dict(base, f"{path}: base job"), spec)]
     if problems:
         raise ConfigError(problems, str(path))
     return spec, base
@@ -131,10 +121,35 @@ def _budget_overrides(spec: SweepConfig) -> list[str]:
             f"runtime.worker_gpus={b.worker_gpus}", "runtime.address=null"]
 
 
+def _trial_problems(job: JobConfig, spec: SweepConfig) -> list[str]:
+    """What a trial's job needs beyond being valid: a report at each validation, with its
+    checkpoint, of a metric its tasks have."""
+    tr, problems = job.train, []
+    if tr.val_every == 0 or tr.steps % tr.val_every:
+        problems.append(f"train.val_every: trials report at each validation; it must be > 0 and divide "
+                        f"train.steps ({tr.steps})")
+    if tr.checkpoint_every != tr.val_every:
+        problems.append(f"train.checkpoint_every: trials report a validation with its checkpoint; set it "
+                        f"to train.val_every ({tr.val_every}), e.g. in overrides")
+    if spec.metric != "val_loss" and ("accuracy" in spec.metric) != (job.task.dataset == "omniglot"):
+        problems.append(f"metric: {spec.metric} does not exist for {job.task.dataset} tasks; choose "
+                        f"{'val_accuracy' if job.task.dataset == 'omniglot' else 'val_mse'} or val_loss")
+    return problems
+
+
 def _check_space(spec: SweepConfig, base: dict) -> list[str]:
     problems = [] if spec.space else ["space: empty; name at least one job key to sweep"]
+    budget_keys = [override.split("=")[0] for override in _budget_overrides(spec)]
+    try:  # the base job's own problems are reported once, as its own
+        of_base = set(_trial_problems(job_from_dict(base, "base job"), spec))
+    except ConfigError:
+        of_base = set()
     for key, dist in spec.space.items():
         where = f"space.{key}"
+        if key in budget_keys:
+            problems.append(f"{where}: every trial gets it from budget.* (the resources the sweep reserves); "
+                            f"it cannot be swept")
+            continue
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             problems.append(f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {dist!r}")
             continue
@@ -148,11 +163,14 @@ def _check_space(spec: SweepConfig, base: dict) -> list[str]:
             problems.append(f"{where}.{kind}: must be [low, high] with low < high"
                             f"{' and low > 0' if kind == 'loguniform' else ''}")
             continue
-        for value in values:  # each value (or bound) must make a valid job
+        for value in values:  # each value (or bound) must make a job that trials can run
             try:
-                job_from_dict(apply_overrides(base, [f"{key}={json.dumps(value)}"]), "trial")
+                job = job_from_dict(apply_overrides(base, [f"{key}={json.dumps(value)}"]), "trial")
             except ConfigError as error:
                 problems += [f"{where}: {value!r} makes an invalid job: {p}" for p in error.problems]
+                continue
+            problems += [f"{where}: {value!r} makes a job trials cannot run: {p}"
+                         for p in _trial_problems(job, spec) if p not in of_base]
     return problems
 
 

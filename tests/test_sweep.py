@@ -39,6 +39,9 @@ def sweep_file(tmp_path: Path, **changes) -> Path:
     ({"metric": "val_accuracy"}, "metric: val_accuracy does not exist for sinusoid tasks"),
     ({"budget": {"workers": 0}}, "budget.workers: must be >= 1"),
     ({"trials": 3}, "trials: unknown key"),
+    ({"space": {"runtime.workers": {"grid": [1, 3]}}}, "space.runtime.workers: every trial gets it from budget.*"),
+    ({"space": {"train.val_every": {"grid": [100, 200]}}},
+     "space.train.val_every: 200 makes a job trials cannot run: train.checkpoint_every: trials report a validation"),
 ])
 def test_a_bad_sweep_is_a_clear_error_before_any_trial(tmp_path, changes, message):
     with pytest.raises(ConfigError) as error:
