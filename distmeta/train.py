@@ -152,29 +152,31 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
             on_checkpoint(step, latest_checkpoint(run / "checkpoints"), rows.written)
         rows.written = []
 
+    def absorb(records: list[StepRecord], boundaries: bool = True) -> None:
+        """Take applied steps into the window; log and checkpoint at their boundaries."""
+        nonlocal step
+        for record in records:
+            step = record.step + 1
+            _accumulate(window, record)
+            if boundaries and step % tr.log_every == 0:
+                _log_step(job, runtime, rows, progress, step, window)
+            if boundaries and step % tr.checkpoint_every == 0:
+                save()
+
     try:
         while True:
             try:
                 while step < tr.steps and not progress.out_of_time():
-                    for record in runtime.advance():
-                        step = record.step + 1
-                        _accumulate(window, record)
-                        if step % tr.log_every == 0:
-                            _log_step(job, runtime, rows, progress, step, window)
-                        if step % tr.checkpoint_every == 0:
-                            save()
+                    absorb(runtime.advance())
                     step = max(step, runtime.version)  # async: steps whose records a server restart lost
                     rows.write_ready()
-                for record in runtime.finish():  # async: steps applied while the loop was ending
-                    step = record.step + 1
-                    _accumulate(window, record)
+                absorb(runtime.finish(), boundaries=False)  # async: steps applied while the loop was ending
                 final_window = bool(window)
                 if final_window:  # the partial window at the end (step or time limit)
                     _log_step(job, runtime, rows, progress, step, window)
                 rows.write_ready(wait=True)
                 wall_s = progress.elapsed()
-                saved = checkpoints(run / "checkpoints")
-                if final_window or not saved or saved[-1].name != f"step_{step:08d}.pt":
+                if final_window or not _checkpointed(run, step):
                     save()  # (again, if it held the window just logged: a resume must not log it twice)
                 break
             except Rewound as rewind:  # the parameter server came back at its checkpoint: redo from there
@@ -184,7 +186,9 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
                 saved_state = load_checkpoint(latest_checkpoint(run / "checkpoints")) if rewind.step else {}
                 step, window = rewind.step, dict(saved_state.get("window", {}))
     except KeyboardInterrupt:
-        save()
+        absorb(runtime.finish())  # a step still landing counts, so the checkpoint's window matches its step
+        if not _checkpointed(run, step):
+            save()
         log.info("interrupted at step %d; checkpoint written, continue with --resume %s", step, run)
         raise
     finally:
@@ -195,6 +199,12 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
         plot_learning_curve(local_dir)
     log.info("done: %s", json.dumps(summary))
     return summary
+
+
+def _checkpointed(run: Location, step: int) -> bool:
+    """Whether the run's newest checkpoint is at ``step``."""
+    saved = checkpoints(run / "checkpoints")
+    return bool(saved) and saved[-1].name == f"step_{step:08d}.pt"
 
 
 def _accumulate(window: dict[str, float], record: StepRecord) -> None:

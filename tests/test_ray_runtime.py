@@ -109,8 +109,9 @@ def test_shared_buffers_of_a_driver_that_is_gone_are_removed_by_the_next_run():
 
 class FaultyRuntime(RayRuntime):
     """Before step ``at`` is computed: kill a worker or the server (Ray restarts either),
-    crash the driver, or push a non-finite slice to the server; or kill the server after
-    step ``at`` - 1, just before the driver checkpoints it ("server before save")."""
+    crash the driver, or push a non-finite slice to the server; or Ctrl-C while step ``at``
+    is computed ("interrupt"); or kill the server after step ``at`` - 1, just before the
+    driver checkpoints it ("server before save")."""
 
     def __init__(self, *args, at: int, fault: str, **kwargs):
         super().__init__(*args, **kwargs)
@@ -127,6 +128,16 @@ class FaultyRuntime(RayRuntime):
                 ray.kill(self.server, no_restart=False)
             elif self.fault == "driver":
                 raise RuntimeError("simulated driver crash")
+            elif self.fault == "interrupt":  # the driver's wait for the step's slices is what Ctrl-C breaks
+                real_get = ray.get
+
+                def interrupted(refs, *args, **kwargs):
+                    if refs is not self.in_flight:
+                        return real_get(refs, *args, **kwargs)
+                    ray.get = real_get
+                    raise KeyboardInterrupt
+
+                ray.get = interrupted
             elif self.fault == "nan":
                 version, _ = ray.get(self.server.pull.remote())
                 size = ray.get(self.server.flat.remote()).size
@@ -215,6 +226,19 @@ def test_a_killed_driver_resumes_to_the_same_phi(local_ray, tmp_path):
     resumed = json.loads((tmp_path / "crashed" / "summary.json").read_text())
     assert resumed["steps"] == 6 and resumed["phi_sha256"] == calm["phi_sha256"]
     assert_same_phi(tmp_path / "calm", tmp_path / "crashed")
+
+
+def test_ctrl_c_mid_step_checkpoints_the_step_that_lands_and_resumes_to_the_same_run(local_ray, tmp_path):
+    every_step = job(2, 6, "train.log_every=1", "train.checkpoint_every=2")
+    train(every_step, tmp_path / "calm")
+    with pytest.raises(KeyboardInterrupt):
+        train(every_step, tmp_path / "stopped", runtime=faulty(every_step, tmp_path / "stopped", at=2, fault="interrupt"))
+    # step 2 (the third) was on its way when Ctrl-C came: it lands, is logged and checkpointed
+    assert [p.name for p in checkpoints(tmp_path / "stopped" / "checkpoints")][-1] == "step_00000003.pt"
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    rows = [(tmp_path / run / "metrics.csv").read_text().splitlines() for run in ("calm", "stopped")]
+    assert len(rows[0]) == 7 and [r.split(",")[:2] for r in rows[0]] == [r.split(",")[:2] for r in rows[1]]
+    assert_same_phi(tmp_path / "calm", tmp_path / "stopped")
 
 
 def test_bf16_contributions_train_to_nearly_the_phi_of_fp32_ones(local_ray, tmp_path):

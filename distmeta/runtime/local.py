@@ -55,7 +55,8 @@ class Runtime(Protocol):
         """
 
     def finish(self) -> list[StepRecord]:
-        """Stop computing steps (async workers end their loops); the steps applied meanwhile."""
+        """Stop computing steps (async workers end their loops; a sync step that Ctrl-C
+        interrupted on Ray is waited for); the steps applied meanwhile."""
 
     def validate(self) -> Future:
         """Meta-validation of the current Φ: a future of ``{"val_<metric>": ...}``."""

@@ -282,6 +282,7 @@ class RayRuntime:
         self.owns_group = self.group != get_current_placement_group()
         self.workers, self.server, self.evaluator = [], None, None
         self.loops: list[ray.ObjectRef] = []
+        self.in_flight: list[ray.ObjectRef] = []  # sync: the step's slice calls, until they returned
         self.slots: SlotSpec | None = None
         try:
             self.slots = self._shared_slots(bundles, sum(layout.sizes))
@@ -343,9 +344,10 @@ class RayRuntime:
             self._check_server(version)
             calls = [w.compute.remote(self.server, self.path, version, phi, i, a, b)
                      for i, (w, (a, b)) in enumerate(zip(self.workers, self.slices))]
-            server_pid = self.server_pid
+            server_pid, self.in_flight = self.server_pid, calls
             try:
                 outcome = ray.get(calls)
+                self.in_flight = []
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
                 if self._status(drain=False)["pid"] == server_pid:
                     raise  # not the server: a worker that stays dead (restarts used up) fails the run
@@ -385,6 +387,10 @@ class RayRuntime:
             time.sleep(ASYNC_POLL_S)
 
     def finish(self) -> list[StepRecord]:
+        if self.in_flight:  # sync, interrupted (Ctrl-C) while a step was computed: let it land
+            ray.wait(self.in_flight, num_returns=len(self.in_flight))
+            self.in_flight = []
+            return self._status()["records"]
         if not self.loops:
             return []
         ray.get(self.server.stop.remote())
