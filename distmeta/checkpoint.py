@@ -33,6 +33,11 @@ def checkpoints(directory: str | Path | Location) -> list[Location]:
     return [directory / n for n in names]
 
 
+def checkpoint_step(path: Location) -> int:
+    """The step a checkpoint file holds, from its name."""
+    return int(PATTERN.match(path.name).group(1))
+
+
 def latest_checkpoint(directory: str | Path | Location) -> Location:
     """The newest checkpoint.
 

@@ -172,13 +172,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (DataError, FileNotFoundError, FileExistsError, PermissionError, NonFiniteError, ValueError) as error:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, PermissionError, NonFiniteError,
+            ValueError) as error:
         cause = getattr(error, "cause", None)  # raised in a Ray actor: its own message, not Ray's traceback
         print(f"error: {cause if isinstance(cause, BaseException) else error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from distmeta.algorithms.inner import adapted_names
-from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
+from distmeta.checkpoint import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.components import build_model, build_sampler
 from distmeta.config import RESOURCE_KEYS, JobConfig, changed_keys, job_to_dict, load_run_job
 from distmeta.device import resolve_device
@@ -59,8 +59,9 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
 
     Raises:
         FileExistsError: ``out`` already holds checkpoints and ``resume`` is off.
-        ValueError: resuming with a job that differs outside ``RESUMABLE_KEYS``; a cluster
-            that cannot hold the workers.
+        ValueError: resuming with a job that differs outside ``RESUMABLE_KEYS``, with fewer
+            ``train.steps`` than the checkpoint's step, or with other ``train.steps`` under a
+            schedule that decays over them; a cluster that cannot hold the workers.
         PermissionError: the run location is not writable.
         FileNotFoundError: ``resume`` without a checkpoint.
         NonFiniteError: a non-finite meta-gradient or Φ (lower the learning rates).
@@ -83,8 +84,6 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
         torch.set_num_threads(job.runtime.threads)
     adapted_names(build_model(job).init(torch.Generator()), job.algorithm.adapt)  # fail now, not at evaluation
     state = load_checkpoint(latest_checkpoint(run / "checkpoints")) if resume else None
-    if state and job.train.steps < state["step"]:
-        raise ValueError(f"cannot resume {run} with train.steps {job.train.steps}: its checkpoint is at step {state['step']}")
     try:
         with contextlib.ExitStack() as stack:
             if runtime is None:
@@ -119,7 +118,9 @@ def _check_run(job: JobConfig, run: Location, resume: bool) -> None:
         if checkpoints(run / "checkpoints"):
             raise FileExistsError(f"{run} already holds a run; resume it (--resume) or choose another --out")
         return
-    latest_checkpoint(run / "checkpoints")  # FileNotFoundError when there is nothing to resume
+    at = checkpoint_step(latest_checkpoint(run / "checkpoints"))  # FileNotFoundError when there is nothing to resume
+    if job.train.steps < at:
+        raise ValueError(f"cannot resume {run} with train.steps {job.train.steps}: its checkpoint is at step {at}")
     saved = load_run_job(run)
     changed = changed_keys(saved, job, ignore=RESUMABLE_KEYS)
     if changed:
@@ -143,7 +144,11 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
     window: dict[str, float] = dict((state or {}).get("window", {}))  # metrics since the last logged step
     log.info("training %s (%s) in %s from step %d", job.name, job.algorithm.name, run, step)
 
+    unsaved = False  # records absorbed since the last checkpoint
+
     def save() -> None:
+        nonlocal unsaved
+        unsaved = False
         rows.write_ready(wait=True)  # a checkpoint never runs ahead of the metrics it stands for
         runtime.checkpoint({"elapsed_s": progress.elapsed(), "window": dict(window)})
         if run.local is None:
@@ -154,9 +159,9 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
 
     def absorb(records: list[StepRecord], boundaries: bool = True) -> None:
         """Take applied steps into the window; log and checkpoint at their boundaries."""
-        nonlocal step
+        nonlocal step, unsaved
         for record in records:
-            step = record.step + 1
+            step, unsaved = record.step + 1, True
             _accumulate(window, record)
             if boundaries and step % tr.log_every == 0:
                 _log_step(job, runtime, rows, progress, step, window)
@@ -187,7 +192,7 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
                 step, window = rewind.step, dict(saved_state.get("window", {}))
     except KeyboardInterrupt:
         absorb(runtime.finish())  # a step still landing counts, so the checkpoint's window matches its step
-        if not _checkpointed(run, step):
+        if unsaved or not _checkpointed(run, step):
             save()
         log.info("interrupted at step %d; checkpoint written, continue with --resume %s", step, run)
         raise
@@ -216,12 +221,11 @@ def _accumulate(window: dict[str, float], record: StepRecord) -> None:
 
 def _log_step(job: JobConfig, runtime: Runtime, rows: PendingRows, progress: Progress, step: int,
               window: dict[str, float]) -> None:
-    steps = window.pop("steps")
-    values = {f"train_{k}": v / steps for k, v in window.items()}
+    values = {f"train_{k}": v / window["steps"] for k, v in window.items() if k != "steps"}
     values["tasks_per_s"] = progress.tasks_per_s(step)
     due = job.train.val_every and step % job.train.val_every == 0
     rows.add(step, values, runtime.validate() if due else None)
-    window.clear()
+    window.clear()  # only now: a checkpoint written after Ctrl-C in validate() keeps a whole window
 
 
 def _summary(job: JobConfig, runtime: Runtime, step: int, wall_s: float) -> dict[str, Any]:

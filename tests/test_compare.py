@@ -26,6 +26,7 @@ from distmeta.compare.pipeline import (
     result_file,
     run_settings,
     runs,
+    stage_meta,
     training_tokens,
 )
 from distmeta.compare.pretrain import run_pretraining
@@ -243,6 +244,21 @@ def test_budgets_that_hold_all_of_a_target_s_pairs_are_one_run():
 
 
 @needs_data
+def test_meta_training_interrupted_in_a_folder_that_moved_resumes_where_its_data_now_is(tmp_path):
+    spec, job = load_compare(SMOKE, ["overrides=[runtime.workers=0, train.steps=4, train.checkpoint_every=2, "
+                                     "train.log_every=2, train.val_every=0, eval.tasks=4]"])
+    elsewhere = replace(job, data=replace(job.data, translation=str(tmp_path / "was" / "pairs.parquet")),
+                        train=replace(job.train, steps=2))
+    (tmp_path / "was").mkdir()
+    os.symlink(DATA, tmp_path / "was" / "pairs.parquet")
+    train(elsewhere, tmp_path / "meta")  # as if stopped at step 2 on the machine the folder came from
+    (tmp_path / "meta" / "summary.json").unlink()
+    (tmp_path / "was" / "pairs.parquet").unlink()
+    stage_meta(spec, job, tmp_path)
+    assert json.loads((tmp_path / "meta" / "summary.json").read_text())["steps"] == 4
+
+
+@needs_data
 def test_a_run_folder_of_another_meta_training_job_or_data_is_refused_but_may_move(tmp_path):
     compare(SMOKE, tmp_path, stage="prepare")
     recorded = json.loads((tmp_path / "compare.json").read_text())
@@ -257,6 +273,9 @@ def test_a_run_folder_of_another_meta_training_job_or_data_is_refused_but_may_mo
         compare(SMOKE, tmp_path, stage="prepare")
     record(lambda r: r.update(data_sha256="0" * 64))  # the same path, but other content
     with pytest.raises(ValueError, match="the translation data's content"):
+        compare(SMOKE, tmp_path, stage="prepare")
+    record(lambda r: (r.pop("data_sha256"), r["meta_job"]["data"].update(translation="/gone/pairs.parquet")))
+    with pytest.raises(ValueError, match="recorded without a digest of its data, whose file is gone"):
         compare(SMOKE, tmp_path, stage="prepare")
     # the folder made elsewhere (data and cache at other paths, other resources) by a distmeta
     # from before runtime.scale_up_timeout_s existed

@@ -120,6 +120,7 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_math(tmp_path
         train(sinusoid_job(20, "train.meta_batch=3"), tmp_path / "run", resume=True)
     with pytest.raises(ValueError, match="train.steps 5: its checkpoint is at step 10"):
         train(sinusoid_job(5), tmp_path / "run", resume=True)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 10  # refused: untouched
     assert main(["train", str(JOBS / "sinusoid_smoke.yaml"), "--resume", str(tmp_path / "run")]) == 2
     assert "give no job file" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=20"]) == 0
@@ -133,6 +134,22 @@ def test_resuming_with_more_steps_under_a_decaying_schedule_is_refused(tmp_path)
         train(sinusoid_job(20, *decaying), tmp_path / "run", resume=True)
     train(sinusoid_job(10, *decaying, "optimizer.schedule_steps=20"), tmp_path / "fixed")
     assert train(sinusoid_job(20, *decaying, "optimizer.schedule_steps=20"), tmp_path / "fixed", resume=True)["steps"] == 20
+
+
+def test_ctrl_c_during_validation_leaves_a_checkpoint_that_resumes(tmp_path):
+    job = sinusoid_job(10, "train.val_every=10", "train.val_tasks=4")
+    runtime = LocalRuntime(job, Location(tmp_path / "run"), None, torch.device("cpu"))
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    runtime.validate = interrupted  # Ctrl-C at the last step's validation, after its window was summed
+    with pytest.raises(KeyboardInterrupt):
+        train(job, tmp_path / "run", runtime=runtime)
+    assert checkpoints(tmp_path / "run" / "checkpoints")[-1].name == "step_00000010.pt"
+    assert train(job, tmp_path / "run", resume=True)["steps"] == 10  # the window is whole: its row is logged now
+    last = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))[-1]
+    assert last["step"] == "10" and last["val_mse"]
 
 
 def test_non_finite_meta_gradient_stops_with_checkpoints_intact(tmp_path):

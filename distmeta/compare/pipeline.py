@@ -32,7 +32,15 @@ from distmeta.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.compare.config import INITS, CompareConfig, budget_name, load_compare, pretrain_job
 from distmeta.components import build_model, data_cache, transformer_size, translation_source
 from distmeta.config import RESOURCE_KEYS, ConfigError, JobConfig, changed_keys, job_from_dict, job_to_dict
-from distmeta.data.translation import TranslationTasks, open_store, prepare_translation, read_source, source_digest
+from distmeta.data.translation import (
+    DataError,
+    TranslationTasks,
+    open_store,
+    prepare_translation,
+    read_source,
+    source_digest,
+)
+from distmeta.storage import Location
 
 log = logging.getLogger("distmeta.compare")
 STAGES = ("prepare", "meta", "pretrain", "finetune", "report")
@@ -97,13 +105,19 @@ def _record_config(folder: Path, spec: CompareConfig, job: JobConfig) -> None:
 
 def _differences(recorded: dict, record: dict) -> list[str]:
     """What differs between a recorded comparison and this one, as far as its results go."""
-    differences = [] if recorded.get("data_sha256") == record["data_sha256"] else ["the translation data's content"]
     try:  # read as a job now, so keys added to distmeta since take their defaults
         before = job_from_dict(recorded.get("meta_job") or {}, "recorded meta job")
     except ConfigError as error:
-        return [*differences, str(error)]
+        return [str(error)]
+    digest = recorded.get("data_sha256")
+    if digest is None:  # recorded before digests were: the data its job names, if still there
+        try:
+            digest = source_digest(translation_source(before))
+        except DataError:
+            return ["recorded without a digest of its data, whose file is gone"]
     changed = changed_keys(before, job_from_dict(record["meta_job"]), ignore=(*RESOURCE_KEYS, "data.*"))
-    return differences + ([f"{', '.join(changed)} changed"] if changed else [])
+    return ([] if digest == record["data_sha256"] else ["the translation data's content"]) + \
+        ([f"{', '.join(changed)} changed"] if changed else [])
 
 
 def _data(job: JobConfig, languages: list[str]) -> tuple[Any, TranslationTasks]:
@@ -127,7 +141,11 @@ def stage_meta(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
     if (run / "summary.json").exists():
         log.info("compare: meta-training already finished in %s", run)
         return
-    train(job, run, resume=bool(checkpoints(run / "checkpoints")))
+    resume = bool(checkpoints(run / "checkpoints"))
+    if resume:  # the folder may have moved: its data (the same content, checked) and cache are where this job says
+        config = Location(run / "config.json")
+        config.write_bytes(json.dumps({**json.loads(config.read_bytes()), "data": job_to_dict(job)["data"]}, indent=2).encode())
+    train(job, run, resume=resume)
 
 
 def stage_pretrain(spec: CompareConfig, job: JobConfig, folder: Path) -> None:

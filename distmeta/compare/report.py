@@ -69,7 +69,8 @@ def write_report(spec: CompareConfig, job: JobConfig, folder: Path, results: dic
                            "seed": seed, "init": init,
                            "train_pairs": run["train_pairs"], "train_tokens": run["train_tokens"], "steps": run["steps"],
                            "best_step": run["best_step"], "lr": run["lr"], "dev_loss": run["dev_loss"],
-                           "start_dev_loss": run["start_dev_loss"], "test_sources_cut": run.get("test_sources_cut"),
+                           "start_dev_loss": run["start_dev_loss"], "test_pairs": len(test_refs),
+                           "test_sources_cut": run.get("test_sources_cut"),
                            **scores[init],
                            "dev_chrf": CHRF().corpus_score(run["dev_hypotheses"], [dev_refs]).score}
                     if starts is not None:
@@ -129,10 +130,10 @@ def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]], up
         p_bleu, p_chrf = by["maml"]["bleu_p_vs_pretrain"], by["maml"]["chrf_p_vs_pretrain"]
         tokens = f"{names[target, budget]} ({by['maml']['train_tokens']})" if budget != "0" else "0"
         lines.append(f"| {target} | {tokens} | {seed} | {' | '.join(cells)} | {p_bleu:.4f} | {' | '.join(chrf)} | {p_chrf:.4f} |")
-    cut = {r["target"]: r["test_sources_cut"] for r in rows if r["test_sources_cut"]}
+    cut = {r["target"]: f"{r['test_sources_cut']} of {r['test_pairs']}" for r in rows if r["test_sources_cut"]}
     if cut:
         lines += ["", f"Test sources longer than {t.max_len} pieces are cut to {t.max_len} before decoding, alike for "
-                  f"every initialisation: " + ", ".join(f"{target} {n} of {spec.decode.test_pairs}" for target, n in cut.items()) + "."]
+                  f"every initialisation: " + ", ".join(f"{target} {n}" for target, n in cut.items()) + "."]
     lines += ["", "Dev chrF of the initialisation → after fine-tuning (updates to the best check, Adam rate):", "",
               "| target | budget | seed | MAML | pre-train | random |", "|---|---|---|---|---|---|"]
     for target, budget, seed in dict.fromkeys((r["target"], r["budget"], r["seed"]) for r in rows):

@@ -347,13 +347,13 @@ class RayRuntime:
             server_pid, self.in_flight = self.server_pid, calls
             try:
                 outcome = ray.get(calls)
-                self.in_flight = []
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
                 if self._status(drain=False)["pid"] == server_pid:
                     raise  # not the server: a worker that stays dead (restarts used up) fails the run
                 outcome = []  # the server died under the workers: see below what it restarted from
             self._count_worker_restarts([pid for _, pid in outcome])
             status = self._status()
+            self.in_flight = []  # only once its records are taken: finish() would wait and drain them
             if status["version"] == version + 1:
                 return status["records"]
             self._check_server(status["version"])
