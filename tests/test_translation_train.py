@@ -38,3 +38,19 @@ def test_translation_without_data_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("DISTMETA_TRANSLATION", raising=False)
     with pytest.raises(DataError, match=r"set data.translation \(a Parquet file\), data.parallel_text or \$DISTMETA_TRANSLATION"):
         train(load_job(JOB), tmp_path / "run")
+
+
+def test_ray_workers_get_the_data_path_the_driver_was_given(translation_env, monkeypatch, tmp_path):
+    """On a cluster, Ray's processes start before the submitting shell's environment is set:
+    the data path must travel with the actors."""
+    import ray
+
+    monkeypatch.delenv("DISTMETA_TRANSLATION")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        monkeypatch.setenv("DISTMETA_TRANSLATION", str(TATOEBA))
+        job = load_job(JOB, ["runtime.workers=1", "train.steps=2", "train.log_every=1", "train.val_every=0",
+                             "train.checkpoint_every=2", "eval.tasks=2"])
+        assert train(job, tmp_path / "run")["steps"] == 2
+    finally:
+        ray.shutdown()
