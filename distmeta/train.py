@@ -209,7 +209,7 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
 def _checkpointed(run: Location, step: int) -> bool:
     """Whether the run's newest checkpoint is at ``step``."""
     saved = checkpoints(run / "checkpoints")
-    return bool(saved) and saved[-1].name == f"step_{step:08d}.pt"
+    return bool(saved) and checkpoint_step(saved[-1]) == step
 
 
 def _accumulate(window: dict[str, float], record: StepRecord) -> None:
