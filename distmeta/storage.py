@@ -78,12 +78,17 @@ class Location:
         parent, name = self.path.rsplit("/", 1)
         self.fs.create_dir(parent, recursive=True)
         temporary = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open_output_stream(temporary) as stream:
-            stream.write(data)
-        if self.local is not None:  # make the bytes durable before the rename publishes them
-            with open(temporary, "rb") as handle:
-                os.fsync(handle.fileno())
-        self.fs.move(temporary, self.path)
+        try:
+            with self.fs.open_output_stream(temporary) as stream:
+                stream.write(data)
+            if self.local is not None:  # make the bytes durable before the rename publishes them
+                with open(temporary, "rb") as handle:
+                    os.fsync(handle.fileno())
+            self.fs.move(temporary, self.path)
+        except BaseException:  # a full disk or Ctrl-C: leave no half-written sibling behind
+            if self.fs.get_file_info(temporary).type == pafs.FileType.File:
+                self.fs.delete_file(temporary)
+            raise
 
     def delete(self) -> None:
         self.fs.delete_file(self.path)

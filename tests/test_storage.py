@@ -35,6 +35,51 @@ def test_checkpoints_are_written_whole_and_pruned(tmp_path):
     assert load_checkpoint(latest_checkpoint(directory))["value"] == 15
 
 
+@pytest.mark.parametrize("fail_at", ["write", "move"])
+def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(tmp_path, fail_at):
+    """A crash (full disk, Ctrl-C) while a checkpoint or metrics.csv is rewritten must not
+    leave the reader a truncated file."""
+    target = Location(tmp_path) / "metrics.csv"
+    target.write_bytes(b"step,loss\n1,0.5\n")
+
+    class Interrupted(Exception):
+        pass
+
+    class FailingFilesystem:
+        """The real filesystem, but the write stops halfway or the rename fails."""
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def open_output_stream(self, path):
+            stream = self.real.open_output_stream(path)
+            if fail_at == "write":
+                class HalfWritten:
+                    def __enter__(self):
+                        return self
+
+                    def __exit__(self, *exc):
+                        stream.close()
+
+                    def write(self, data):
+                        stream.write(data[: len(data) // 2])
+                        raise Interrupted()
+                return HalfWritten()
+            return stream
+
+        def move(self, source, destination):
+            if fail_at == "move":
+                raise Interrupted()
+            self.real.move(source, destination)
+
+    target.fs = FailingFilesystem(target.fs)
+    with pytest.raises(Interrupted):
+        target.write_bytes(b"step,loss\n1,0.5\n2,0.4\n" * 1000)
+    assert Location(tmp_path / "metrics.csv").read_bytes() == b"step,loss\n1,0.5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
 def test_an_unwritable_location_says_where(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(PermissionError, match=f"storage {tmp_path}/file/run is not writable"):
