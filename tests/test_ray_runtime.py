@@ -110,15 +110,18 @@ def test_shared_buffers_of_a_driver_that_is_gone_are_removed_by_the_next_run():
 class FaultyRuntime(RayRuntime):
     """Before step ``at`` is computed: kill a worker or the server (Ray restarts either),
     crash the driver, or push a non-finite slice to the server; or Ctrl-C while step ``at``
-    is computed ("interrupt"); or kill the server after step ``at`` - 1, just before the
-    driver checkpoints it ("server before save")."""
+    is computed ("interrupt"), or in async mode right after a checkpoint from step ``at`` on
+    that the server took a step ahead of the driver ("async interrupt"); or kill the server
+    after step ``at`` - 1, just before the driver checkpoints it ("server before save")."""
 
     def __init__(self, *args, at: int, fault: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.at, self.fault, self.done = at, fault, False
 
     def advance(self):
-        if self.version == self.at and not self.done:
+        if self.fault == "async interrupt" and self.done:  # Ctrl-C while the driver polls the async server
+            raise KeyboardInterrupt
+        if self.version == self.at and not self.done and self.fault != "async interrupt":
             self.done = True
             if self.fault == "worker":
                 ray.kill(self.workers[1], no_restart=False)
@@ -147,6 +150,11 @@ class FaultyRuntime(RayRuntime):
         return super().advance()
 
     def checkpoint(self, extra):
+        if self.fault == "async interrupt" and self.version >= self.at and not self.done:
+            self.done = True  # the server saves a step the driver has not taken in, then takes no more
+            while ray.get(self.server.status.remote(False))["version"] <= self.version:
+                time.sleep(0.002)
+            ray.get(self.server.stop.remote())
         if self.fault == "server before save" and self.version == self.at and not self.done:
             self.done = True
             ray.kill(self.server, no_restart=False)  # asynchronous: the old process may still answer a call
@@ -239,6 +247,23 @@ def test_ctrl_c_mid_step_checkpoints_the_step_that_lands_and_resumes_to_the_same
     rows = [(tmp_path / run / "metrics.csv").read_text().splitlines() for run in ("calm", "stopped")]
     assert len(rows[0]) == 7 and [r.split(",")[:2] for r in rows[0]] == [r.split(",")[:2] for r in rows[1]]
     assert_same_phi(tmp_path / "calm", tmp_path / "stopped")
+
+
+def test_ctrl_c_in_async_mode_checkpoints_every_applied_step_with_its_window(local_ray, tmp_path):
+    """The async server applies steps ahead of the driver and may already have saved a
+    checkpoint under the final step; the one Ctrl-C leaves must still hold the driver's
+    metrics window up to that step, so that a resume logs every step once."""
+    run = tmp_path / "stopped"
+    async_job = job(2, 14, "runtime.mode=async", "train.log_every=4", "train.checkpoint_every=3")
+    with pytest.raises(KeyboardInterrupt):
+        train(async_job, run, runtime=faulty(async_job, run, at=5, fault="async interrupt"))
+    saved = load_checkpoint(checkpoints(run / "checkpoints")[-1])
+    logged = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert 5 <= saved["step"] < 14 and logged == list(range(4, saved["step"] + 1, 4))
+    assert saved["window"].get("steps", 0) == saved["step"] - logged[-1]  # nothing applied is missing
+    assert main(["train", "--resume", str(run)]) == 0
+    logged = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert logged == [4, 8, 12, 14] and json.loads((run / "summary.json").read_text())["steps"] == 14
 
 
 def test_bf16_contributions_train_to_nearly_the_phi_of_fp32_ones(local_ray, tmp_path):
