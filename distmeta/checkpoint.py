@@ -50,6 +50,22 @@ def latest_checkpoint(directory: str | Path | Location) -> Location:
     return found[-1]
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back (truncated, overwritten, not ours)."""
+
+
 def load_checkpoint(path: str | Path | Location) -> dict[str, Any]:
-    """A checkpoint's state on the CPU (``phi``, ``opt_state``, ``step``, ...)."""
-    return torch.load(io.BytesIO(Location(path).read_bytes()), map_location="cpu", weights_only=True)
+    """A checkpoint's state on the CPU (``phi``, ``opt_state``, ``step``, ...).
+
+    Raises:
+        CorruptCheckpointError: the file is not a readable checkpoint (names it; the file is
+            left in place, as are the older ones).
+    """
+    path = Location(path)
+    data = path.read_bytes()
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError or UnpicklingError, by how it is broken
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CorruptCheckpointError(f"checkpoint {path} ({len(data)} bytes) cannot be read: {reason}. Move it "
+                                     "out of checkpoints/ to resume from the one before it") from None

@@ -12,6 +12,7 @@ from distmeta.config import ConfigError, apply_overrides, job_from_dict, job_to_
 from distmeta.data.omniglot import DataError
 from distmeta.device import restart_with_allocator_env
 from distmeta.storage import Location
+from distmeta.types import NonFiniteError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -168,12 +169,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from distmeta.train import NonFiniteError
-
     try:
         return args.run(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, PermissionError, NonFiniteError,
-            ValueError) as error:
+    except (ConfigError, DataError, OSError, NonFiniteError, ValueError) as error:
         cause = getattr(error, "cause", None)  # raised in a Ray actor: its own message, not Ray's traceback
         print(f"error: {cause if isinstance(cause, BaseException) else error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1

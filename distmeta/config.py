@@ -28,7 +28,18 @@ VINYALS_TEST_CHARACTERS = sum(EXPECTED_CHARACTERS.values()) - VINYALS_TRAIN_CHAR
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-3`` is a float (YAML 1.1 would read it as a string)."""
+    """PyYAML's safe loader, but ``1e-3`` is a float (YAML 1.1 would read it as a string) and
+    a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -358,7 +369,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"--set {dotted}: {part!r} is not a section"], "overrides")
-        node[last] = parse_yaml(text)
+        try:
+            node[last] = parse_yaml(text)
+        except yaml.YAMLError as error:
+            raise ConfigError([f"--set {dotted}: {text!r} is not a YAML value ({error.problem})"], "overrides") from None
     return raw
 
 
@@ -373,6 +387,8 @@ def read_config_file(path: str | Path) -> Any:
         return parse_yaml(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"not UTF-8 text: {error}"], str(path)) from None
 
 
 def spec_from_dict(cls: type, raw: Any, source: str) -> Any:
@@ -392,8 +408,8 @@ def names_key(path: str | Path, key: str) -> bool:
     """Whether a config file is a mapping with top-level ``key`` (what tells sweep and
     comparison files from job files); False for a file that does not read as YAML."""
     try:
-        raw = parse_yaml(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = read_config_file(path)
+    except (OSError, ConfigError):
         return False
     return isinstance(raw, dict) and key in raw
 
@@ -411,7 +427,13 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
 def load_run_job(run_dir: str | Path | Location) -> JobConfig:
     """The job a run (folder or URI) was trained with (its ``config.json``, validated again)."""
     path = Location(run_dir) / "config.json"
-    return job_from_dict(json.loads(path.read_bytes()), str(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.json")
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ConfigError([f"not valid JSON: {error}"], str(path)) from None
+    return job_from_dict(raw, str(path))
 
 
 def job_to_dict(job: JobConfig) -> dict:

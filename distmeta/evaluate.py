@@ -14,7 +14,7 @@ from distmeta.data.sampling import TaskSampler
 from distmeta.device import precision_context, resolve_device, to_device
 from distmeta.models import TaskModel
 from distmeta.storage import Location
-from distmeta.types import Params
+from distmeta.types import NonFiniteError, Params
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -50,6 +50,10 @@ def evaluate(model: TaskModel, phi: Params, sampler: TaskSampler, split: str, ta
         for name, chunks in metrics.items():
             mean, ci = mean_ci95(torch.cat(chunks))
             report[steps][name], report[steps][f"{name}_ci95"] = mean, ci
+        if not math.isfinite(report[steps]["loss"]):
+            raise NonFiniteError(f"{split} loss after {steps} inner step(s) is {report[steps]['loss']}: adaptation "
+                                 "diverges from this Φ (lower the inner learning rate or the steps) or Φ itself "
+                                 "is non-finite; no score is reported")
     return report
 
 

@@ -22,7 +22,7 @@ import torch
 from distmeta.algorithms.inner import adapted_names
 from distmeta.checkpoint import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.components import build_model, build_sampler
-from distmeta.config import RESOURCE_KEYS, JobConfig, changed_keys, job_to_dict, load_run_job
+from distmeta.config import RESOURCE_KEYS, JobConfig, changed_keys, job_from_dict, job_to_dict
 from distmeta.device import resolve_device
 from distmeta.metrics import MetricsLog, PendingRows, Progress, plot_learning_curve
 from distmeta.runtime import LocalRuntime, Rewound, Runtime
@@ -34,7 +34,8 @@ __all__ = ["NonFiniteError", "RESUMABLE_KEYS", "default_run_dir", "train"]
 log = logging.getLogger("distmeta")
 # What may differ between a run and its resumption: nothing that changes the math.
 RESUMABLE_KEYS = ("train.steps", "train.time_limit_s", "train.log_every", "train.val_every", "train.val_tasks",
-                  "train.checkpoint_every", "train.keep_checkpoints", *RESOURCE_KEYS)
+                  "train.checkpoint_every", "train.keep_checkpoints", *RESOURCE_KEYS,
+                  "data.*")  # where the data is (a run moved to another machine), not which data
 
 
 def default_run_dir(job: JobConfig) -> str:
@@ -67,7 +68,7 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
         NonFiniteError: a non-finite meta-gradient or Φ (lower the learning rates).
     """
     run = Location(out if out is not None else default_run_dir(job))
-    _check_run(job, run, resume)
+    state = _check_run(job, run, resume)
     run.check_writable()
     local_dir = run.local or _staging_dir(run)
     if run.local is None:  # the staging copy starts from what the run location holds, nothing else
@@ -83,7 +84,6 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
     if job.runtime.threads:
         torch.set_num_threads(job.runtime.threads)
     adapted_names(build_model(job).init(torch.Generator()), job.algorithm.adapt)  # fail now, not at evaluation
-    state = load_checkpoint(latest_checkpoint(run / "checkpoints")) if resume else None
     try:
         with contextlib.ExitStack() as stack:
             if runtime is None:
@@ -113,15 +113,21 @@ def _staging_dir(run: Location) -> Path:
     return Path(tempfile.gettempdir()) / "distmeta-runs" / hashlib.sha1(run.uri.encode()).hexdigest()[:16]
 
 
-def _check_run(job: JobConfig, run: Location, resume: bool) -> None:
+def _check_run(job: JobConfig, run: Location, resume: bool) -> dict[str, Any] | None:
+    """The newest checkpoint's state when resuming, once ``job`` is found fit to continue it;
+    nothing in ``run`` is written before this passes."""
     if not resume:
-        if checkpoints(run / "checkpoints"):
-            raise FileExistsError(f"{run} already holds a run; resume it (--resume) or choose another --out")
-        return
-    at = checkpoint_step(latest_checkpoint(run / "checkpoints"))  # FileNotFoundError when there is nothing to resume
+        finished = [name for name in ("metrics.csv", "summary.json") if (run / name).exists()]
+        if checkpoints(run / "checkpoints") or finished:
+            raise FileExistsError(f"{run} already holds a run ({', '.join(finished) or 'checkpoints'}); "
+                                  "resume it (--resume) or choose another --out")
+        return None
+    newest = latest_checkpoint(run / "checkpoints")  # FileNotFoundError when there is nothing to resume
+    at = checkpoint_step(newest)
     if job.train.steps < at:
         raise ValueError(f"cannot resume {run} with train.steps {job.train.steps}: its checkpoint is at step {at}")
-    saved = load_run_job(run)
+    state = load_checkpoint(newest)
+    saved = job_from_dict(state["config"], str(newest))  # the job Φ was trained with, whatever config.json says now
     changed = changed_keys(saved, job, ignore=RESUMABLE_KEYS)
     if changed:
         raise ValueError(f"cannot resume {run} with a different job: {', '.join(changed)} changed "

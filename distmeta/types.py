@@ -22,6 +22,12 @@ BatchedLossFn = Callable[[Params, Batch], tuple[Tensor, Metrics]]
 """(batched params, batched batch) -> (per-task losses (T,), per-task metrics (T,))."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss, meta-gradient or Φ went NaN/infinite. In training Φ was not updated and the
+    checkpoints are intact; in evaluation no score is reported (chance accuracy from NaN
+    logits would look like a result)."""
+
+
 class TaskBatch(NamedTuple):
     """Support and query data of T tasks, every leaf stacked along dim 0."""
 

@@ -74,6 +74,8 @@ def test_overrides_apply_and_are_validated(tmp_path):
         load_job(path, ["train.steps=0"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_job(path, ["train.steps"])
+    with pytest.raises(ConfigError, match=r"--set train.steps: '\[1' is not a YAML value"):
+        load_job(path, ["train.steps=[1"])
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
@@ -84,6 +86,12 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     path.write_text("task: [unclosed\n")
     assert main(["validate", str(path)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+    path.write_text("train: {steps: 5}\nmodel: {name: conv4}\ntrain: {meta_batch: 2}\n")  # PyYAML keeps the last
+    assert main(["validate", str(path)]) == 2
+    assert "key 'train' is given twice" in capsys.readouterr().err
+    path.write_bytes(b"name: \xff\n")
+    assert main(["validate", str(path)]) == 2
+    assert f"{path}: 1 problem(s)\n  - not UTF-8 text" in capsys.readouterr().err
 
 
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import os
 import sys
 from pathlib import Path
@@ -125,6 +126,45 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_math(tmp_path
     assert "give no job file" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=20"]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # a finished run's other files are still not overwritten
+    with pytest.raises(FileExistsError, match=r"already holds a run \(metrics.csv, summary.json\)"):
+        train(sinusoid_job(10), tmp_path / "run")
+
+
+def test_resume_checks_the_job_against_the_checkpoint_not_config_json(tmp_path, capsys):
+    train(sinusoid_job(10), tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["optimizer"]["lr"] *= 10  # an edit that would bypass the check of what may change
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=20"]) == 1
+    assert "optimizer.lr changed" in capsys.readouterr().err
+    config["optimizer"]["lr"] /= 10
+    config["data"]["cache"] = str(tmp_path / "elsewhere")  # where the data is may change (a moved run)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=20"]) == 0
+
+
+def test_a_corrupt_newest_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
+    train(sinusoid_job(20), tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoints" / "step_00000020.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    for command in (["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=30"],
+                    ["eval", str(tmp_path / "run"), "--tasks", "4"]):
+        assert main(command) == 1
+        assert f"checkpoint {newest} (1000 bytes) cannot be read" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    newest.rename(tmp_path / "step_00000020.pt.broken")  # as the message says: resume from the one before
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=30"]) == 0
+    assert [int(r["step"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))] == [5, 10, 15, 20, 25, 30]
+
+
+def test_a_folder_that_is_not_a_run_says_so(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 1
+    assert f"{tmp_path} is not a run folder: it has no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["eval", str(tmp_path)]) == 2
+    assert f"{tmp_path}/config.json: 1 problem(s)\n  - not valid JSON" in capsys.readouterr().err
 
 
 def test_resuming_with_more_steps_under_a_decaying_schedule_is_refused(tmp_path):
@@ -160,6 +200,15 @@ def test_non_finite_meta_gradient_stops_with_checkpoints_intact(tmp_path):
     assert [p.name for p in saved] == ["step_00000010.pt"]
     assert all(torch.isfinite(t).all() for t in load_checkpoint(saved[0])["phi"].values())
 
+
+def test_a_diverging_evaluation_is_an_error_not_a_chance_score(tmp_path, capsys):
+    train(sinusoid_job(10), tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["algorithm"]["inner_lr"] = 1e30  # what evaluation adapts with: it now diverges
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 1
+    assert "test loss after 10 inner step(s) is nan: adaptation diverges" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("eval_*.json"))
 
 def test_time_limit_stops_training_and_still_reports(tmp_path):
     summary = train(sinusoid_job(100000, "train.time_limit_s=0.5"), tmp_path / "run")

@@ -21,14 +21,10 @@ import numpy as np
 import torch
 
 from distmeta.optim import Optimizer
-from distmeta.types import Contribution, Params
+from distmeta.types import Contribution, NonFiniteError, Params
 
 MODES = ("sync", "async")
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # runtime.contributions: what slices travel as
-
-
-class NonFiniteError(FloatingPointError):
-    """A meta-gradient or Φ went NaN/infinite; Φ was not updated and checkpoints are intact."""
 
 
 def to_wire(flat: torch.Tensor) -> np.ndarray:
