@@ -86,6 +86,26 @@ def test_bad_data_is_a_clear_error(tmp_path):
         read_parallel_text(tmp_path / "a.txt", tmp_path / "b.txt", "deu", "train")
 
 
+def test_text_that_is_not_text_is_refused_and_blank_pairs_are_dropped(tmp_path, caplog):
+    def write(name, src, tgt, lang=("deu", "deu", "fra")):
+        table = pa.table({"src_lang": list(lang), "tgt_lang": ["eng"] * 3, "split": ["train"] * 3,
+                          "src": src, "tgt": tgt})
+        pq.write_table(table, tmp_path / name)
+        return tmp_path / name
+    with pytest.raises(DataError, match="column src has 1 missing value"):  # would be read as the text "None"
+        read_source(write("null.parquet", ["Hallo", None, "Salut"], ["Hello", "Hi", "Hi"]))
+    with pytest.raises(DataError, match="column tgt holds int64, not text"):
+        read_source(write("ints.parquet", ["Hallo", "Du", "Salut"], [0, 1, 2]))
+    blank = write("blank.parquet", ["Hallo", " ", "Salut"], ["Hello", "You", ""])
+    table = read_source(blank, ["deu"])
+    assert table.column("src").to_pylist() == ["Hallo"] and "1 pair(s) with a blank source or target dropped" in caplog.text
+    with pytest.raises(DataError, match="only blank pairs for language\\(s\\) fra"):
+        read_source(blank, ["deu", "fra"])
+    (tmp_path / "a.txt").write_text("eins\n\n")
+    (tmp_path / "b.txt").write_text("one\ntwo\n")
+    files = [ParallelText(str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "deu", "train")]
+    assert read_source(files).column("tgt").to_pylist() == ["one"]
+
 def test_plain_text_pairs_read_like_parquet(tmp_path):
     (tmp_path / "src.txt").write_text("Guten Morgen.\nDanke!\n")
     (tmp_path / "tgt.txt").write_text("Good morning.\nThanks!\n")

@@ -11,6 +11,7 @@ drawn by the same counter-based rule as every other sampler.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from distmeta.types import TaskBatch
 REQUIRED_COLUMNS = ("src_lang", "tgt_lang", "split", "src", "tgt")
 DATA_SPLIT = {"train": "train", "val": "dev", "test": "test"}  # sampler split -> the data's split name
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+log = logging.getLogger("distmeta.data")
 MOSES_LANGUAGE = {"eng": "en", "deu": "de", "fra": "fr", "spa": "es", "ita": "it", "por": "pt", "nld": "nl",
                   "ces": "cs", "pol": "pl", "ron": "ro", "fin": "fi", "hun": "hu", "ell": "el", "lav": "lv",
                   "lit": "lt", "est": "et", "slv": "sl", "isl": "is", "swe": "sv", "dan": "da", "cat": "ca"}
@@ -107,14 +109,41 @@ def read_source(source: str | Path | Sequence[ParallelText], languages: Sequence
         DataError: unreadable data, or no pairs for a language asked for.
     """
     if isinstance(source, (str, Path)):
-        return read_pairs(source, languages, splits)
+        return _usable_pairs(read_pairs(source, languages, splits), str(source), languages)
     files = [f for f in source if (not languages or f.src_lang in languages) and (not splits or f.split in splits)]
     absent = sorted(set(languages or ()) - {f.src_lang for f in files})
     if absent:
         raise DataError(f"the parallel text files have no pairs for language(s) {', '.join(absent)}")
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in REQUIRED_COLUMNS})
-    return pa.concat_tables([read_parallel_text(f.src, f.tgt, f.src_lang, f.split, f.tgt_lang) for f in files])
+    table = pa.concat_tables([read_parallel_text(f.src, f.tgt, f.src_lang, f.split, f.tgt_lang) for f in files])
+    return _usable_pairs(table, "the parallel text files", languages)
+
+
+def _usable_pairs(table: pa.Table, source: str, languages: Sequence[str] | None) -> pa.Table:
+    """Refuse columns that would train on wrong text (numbers, or nulls that would read as
+    "None"); drop, with a warning, pairs whose source or target is blank, which teach nothing.
+
+    Raises:
+        DataError: a column that is not text or has missing values, or a language asked for
+            whose pairs are all blank.
+    """
+    for name in REQUIRED_COLUMNS:
+        column = table.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise DataError(f"{source}: column {name} holds {column.type}, not text")
+        if column.null_count:
+            raise DataError(f"{source}: column {name} has {column.null_count} missing value(s)")
+    blank = pc.or_(pc.equal(pc.utf8_trim_whitespace(table.column("src")), ""),
+                   pc.equal(pc.utf8_trim_whitespace(table.column("tgt")), ""))
+    count = pc.sum(blank).as_py() or 0
+    if count:
+        log.warning("%s: %d pair(s) with a blank source or target dropped", source, count)
+        table = table.filter(pc.invert(blank))
+        absent = sorted(set(languages or ()) - set(table.column("src_lang").unique().to_pylist()))
+        if absent:
+            raise DataError(f"{source} has only blank pairs for language(s) {', '.join(absent)}")
+    return table
 
 
 def source_digest(source: str | Path | Sequence[ParallelText]) -> str:
