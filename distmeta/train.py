@@ -12,10 +12,12 @@ import json
 import logging
 import math
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -89,6 +91,7 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
             if runtime is None:
                 runtime = _make_runtime(job, run, state, stack)
             stack.callback(runtime.close)
+            stack.enter_context(_sigterm_as_interrupt())  # after ray.init, which sets its own handler
             return _train(job, run, local_dir, runtime, state, on_checkpoint)
     finally:
         log.removeHandler(file_log)
@@ -106,6 +109,27 @@ def _make_runtime(job: JobConfig, run: Location, state: dict[str, Any] | None,
     build_sampler(job)  # builds the data caches once here, before every worker and the evaluator want them
     stack.enter_context(RaySession(job.runtime.address))
     return RayRuntime(job, run, state)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, a scheduler preempting the job) stops training as Ctrl-C
+    does: the step in flight lands and a checkpoint is written. Ray's own driver handler
+    would exit at once and lose the steps since the last checkpoint. Later SIGTERMs are
+    ignored while that checkpoint is written."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _staging_dir(run: Location) -> Path:

@@ -5,7 +5,10 @@ import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,6 +233,31 @@ def test_sinusoid_maml_reduces_the_adapted_loss(tmp_path):
     assert summary["test_mse"] < 1.5
 
 
+
+@pytest.mark.slow
+def test_sigterm_stops_a_ray_run_like_ctrl_c_with_a_checkpoint(tmp_path):
+    """``ray job stop`` and schedulers send SIGTERM; Ray's driver handler would exit at once and
+    lose every step since the last checkpoint (here: all of them)."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "distmeta.cli", "train", str(JOBS / "sinusoid_smoke.yaml"), "--workers", "1",
+               "--out", str(out), "--set", "train.steps=100000", "--set", "train.log_every=10",
+               "--set", "train.checkpoint_every=100000", "--set", "train.val_every=0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.csv").exists() or len((out / "metrics.csv").read_text().splitlines()) < 3:
+            assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and "checkpoint written" in err
+    step = load_checkpoint(checkpoints(out / "checkpoints")[-1])["step"]
+    assert step >= 20
+    assert main(["train", "--resume", str(out), "--set", f"train.steps={step + 5}", "--set", "runtime.workers=0"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 5
 
 def test_the_command_restarts_itself_once_with_the_allocator_settings(monkeypatch):
     for key in ALLOCATOR_ENV:
