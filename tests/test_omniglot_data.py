@@ -3,6 +3,7 @@ the md5-checked download path, source/cache resolution and rebuilding a corrupt 
 
 import hashlib
 import io
+import json
 import logging
 import time
 import zipfile
@@ -214,7 +215,8 @@ def test_corrupt_png(fake: Path, tmp_path: Path) -> None:
         load_omniglot(fake, cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.parametrize("corruption", ["truncated", "wrong_shape", "not_numpy"])
+@pytest.mark.parametrize("corruption", ["truncated", "wrong_shape", "not_numpy", "empty", "zeroed_in_place",
+                                        "index_edited"])
 def test_corrupt_cache_is_rebuilt(
     fake: Path, tmp_path: Path, corruption: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -226,6 +228,17 @@ def test_corrupt_cache_is_rebuilt(
         cached.write_bytes(cached.read_bytes()[:-1000])
     elif corruption == "wrong_shape":
         np.save(cached, np.zeros((5, 20, 28, 27), dtype=np.uint8))
+    elif corruption == "empty":
+        cached.write_bytes(b"")
+    elif corruption == "zeroed_in_place":  # same size, same header: only the pixels changed
+        data = bytearray(cached.read_bytes())
+        data[-5000:] = bytes(5000)
+        cached.write_bytes(bytes(data))
+    elif corruption == "index_edited":  # a background character moved to the evaluation part
+        index_path = cached.with_suffix(".json")
+        index = json.loads(index_path.read_text())
+        index["background"][0] = not index["background"][0]
+        index_path.write_text(json.dumps(index))
     else:
         cached.write_bytes(b"not numpy at all")
     with caplog.at_level(logging.INFO, logger="distmeta.data"):

@@ -219,7 +219,15 @@ def _preprocess(locations: dict[str, Path]) -> tuple[np.ndarray, dict[str, list]
             index["characters"].append(character)
             index["background"].append(part == "images_background")
     log.info("preprocessed %d characters in %.1f s", len(images), time.perf_counter() - started)
-    return np.asarray(images, dtype=np.uint8), index
+    array = np.asarray(images, dtype=np.uint8)
+    index["images_sha256"] = _digest(array)
+    return array, index
+
+
+def _digest(images: np.ndarray) -> str:
+    """sha256 of the pixels, recorded in the cache's index and checked at every load: a cache
+    damaged in place (same size, other bytes) is rebuilt instead of training on it."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(images)).cast("B")).hexdigest()
 
 
 def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -246,7 +254,12 @@ def _load_cache(images_path: Path, index_path: Path) -> Omniglot | None:
             raise ValueError(f"array is {images.dtype} {images.shape}, expected uint8 {expected_shape}")
         if not all(len(index[key]) == count for key in ("alphabets", "characters", "background")):
             raise ValueError(f"index does not describe {count} characters")
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        if sum(index["background"]) != EXPECTED_CHARACTERS["images_background"]:
+            raise ValueError(f"index marks {sum(index['background'])} background characters, "
+                             f"expected {EXPECTED_CHARACTERS['images_background']}")
+        if index["images_sha256"] != _digest(images):
+            raise ValueError("its pixels do not match the sha256 recorded when it was written")
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
         log.warning("Omniglot cache %s is unusable (%s); rebuilding it", images_path, error)
         return None
     return Omniglot(
