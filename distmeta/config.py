@@ -25,6 +25,7 @@ from distmeta.storage import Location
 HIGH_RESOURCE = ("deu", "fra", "spa", "ita", "por", "nld", "dan", "swe", "ces", "pol", "bul", "ell", "hun", "rus",
                  "ukr", "heb", "ara", "jpn", "zho", "mar", "kab")
 VINYALS_TEST_CHARACTERS = sum(EXPECTED_CHARACTERS.values()) - VINYALS_TRAIN_CHARACTERS
+BACKGROUND_CHARACTERS = EXPECTED_CHARACTERS["images_background"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -235,7 +236,7 @@ def _check_values(job: JobConfig) -> list[str]:
     """Impossible values: each rule names its key."""
     t, a, tr, ev = job.task, job.algorithm, job.train, job.eval
     rules = [
-        (job.seed >= 0, "seed", "must be >= 0"),
+        (0 <= job.seed < 2**63, "seed", "must be >= 0 and < 2**63"),
         (t.ways >= 2, "task.ways", "must be >= 2"),
         (t.shots >= 1, "task.shots", "must be >= 1"),
         (t.queries >= 1, "task.queries", "must be >= 1"),
@@ -306,6 +307,9 @@ def _check_values(job: JobConfig) -> list[str]:
                 (t.ways <= smallest, "task.ways",
                  f"{t.ways} ways but the smallest vinyals split has {smallest} classes"),
             ]
+        else:  # alphabet: validation characters are whole background alphabets
+            rules.append((t.val_characters < BACKGROUND_CHARACTERS, "task.val_characters",
+                          f"must be < {BACKGROUND_CHARACTERS} (the background characters it is carved from)"))
     elif t.dataset == "sinusoid":
         rules += [
             (job.model.name == "mlp", "model.name", "sinusoid tasks need model mlp"),

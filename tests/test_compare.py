@@ -70,6 +70,13 @@ def test_a_bad_comparison_names_its_key(tmp_path, changes, message):
         load_compare(write_compare(tmp_path, **changes))
 
 
+@pytest.mark.parametrize("job_text, message", [("- a list\n", "expected a job mapping, got list"),
+                                               ("task: 5\n", "task: expected a mapping, got int")])
+def test_a_meta_job_that_is_not_a_job_mapping_is_a_config_error(tmp_path, job_text, message):
+    (tmp_path / "meta.yaml").write_text(job_text)
+    with pytest.raises(ConfigError, match=message):
+        load_compare(write_compare(tmp_path, meta_job="meta.yaml"))
+
 def test_an_initialisation_that_translates_exactly_as_pre_training_is_not_significantly_different():
     refs = [f"sentence number {i} says something about {i % 7} cats" for i in range(60)]
     worse = [" ".join(r.split()[:-2]) for r in refs]

@@ -52,6 +52,8 @@ def test_the_paper_settings_are_in_the_paper_jobs():
     ({"model": {"width": 0}}, "model.width", "must be >= 1"),
     ({"task": {"dataset": "sinusoid"}, "model": {"name": "mlp", "hidden": [40, 0]}}, "model.hidden", "each >= 1"),
     ({"eval": 3}, "eval", "expected a mapping"),
+    ({"seed": 10**20}, "seed", "< 2**63"),
+    ({"task": {"protocol": "alphabet", "val_characters": 964}}, "task.val_characters", "must be < 964"),
 ])
 def test_bad_values_name_the_key(raw, key, text):
     with pytest.raises(ConfigError) as error:

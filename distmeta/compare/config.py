@@ -147,9 +147,13 @@ def meta_job(spec: CompareConfig, raw_job: dict[str, Any], source: str) -> JobCo
     """The meta-training job: the file's job with the overrides, the sources as its tasks and
     the comparison's vocabulary languages."""
     vocab = spec.vocab_languages or [*spec.sources, *spec.targets]
+    if not isinstance(raw_job, dict):
+        raise ConfigError([f"expected a job mapping, got {type(raw_job).__name__}"], source)
     raw = apply_overrides(raw_job, spec.overrides)
-    raw.setdefault("task", {})
-    raw["task"] = {**raw["task"], "languages": list(spec.sources), "vocab_languages": list(vocab)}
+    task = raw.setdefault("task", {})
+    if not isinstance(task, dict):
+        raise ConfigError([f"task: expected a mapping, got {type(task).__name__}"], source)
+    raw["task"] = {**task, "languages": list(spec.sources), "vocab_languages": list(vocab)}
     return job_from_dict(raw, source)
 
 
