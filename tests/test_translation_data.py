@@ -23,6 +23,7 @@ from distmeta.data.translation import (
     detokenize,
     encode_store,
     open_store,
+    prepare_translation,
     pretokenize,
     read_pairs,
     read_parallel_text,
@@ -202,6 +203,25 @@ def test_plain_text_files_named_in_the_job_give_the_same_pairs_and_tasks_as_the_
     relabelled = [ParallelText(**{**e, "src_lang": "est"}) if e["src_lang"] == "lav" else ParallelText(**e) for e in entries]
     assert source_digest(relabelled) != before  # what a file holds is part of the key
 
+
+@pytest.mark.parametrize("damage", ["empty store", "garbage tokeniser"])
+def test_a_damaged_translation_cache_is_rebuilt(tmp_path, caplog, damage):
+    files = []
+    for lang in ("ron", "lav"):
+        part = read_pairs(TATOEBA, [lang], ["train"]).slice(0, 150)
+        for side in ("src", "tgt"):
+            (tmp_path / f"{lang}.{side}").write_text("\n".join(part.column(side).to_pylist()) + "\n")
+        files.append(ParallelText(str(tmp_path / f"{lang}.src"), str(tmp_path / f"{lang}.tgt"), lang, "train"))
+    _, store = prepare_translation(files, ["ron", "lav"], 500, tmp_path / "cache")
+    intact = store.read_bytes()
+    if damage == "empty store":
+        store.write_bytes(b"")
+    else:
+        (store.parent / "spm.model").write_bytes(b"not a sentencepiece model")
+    pipeline, again = prepare_translation(files, ["ron", "lav"], 500, tmp_path / "cache")
+    assert again == store and again.read_bytes() == intact and "is unusable" in caplog.text
+    assert pipeline.decode(pipeline.encode("Good day.", "eng")) == "Good day."
+    assert [p.name for p in (tmp_path / "cache" / "translation").iterdir()] == [store.parent.name]
 
 @pytest.mark.parametrize("entry, message", [
     ({"src": "a", "tgt": "b", "src_lang": "ron"}, "each entry needs src, tgt"),

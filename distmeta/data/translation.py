@@ -267,6 +267,8 @@ def prepare_translation(source: str | Path | Sequence[ParallelText], languages: 
         read_pairs(source)  # the clear error
     key = hashlib.sha1(f"{source_digest(source)}|{sorted(languages)}|{vocab_size}".encode())
     folder = cache_dir / "translation" / key.hexdigest()[:16]
+    if folder.exists() and not _usable_cache(folder):
+        _discard(folder)
     if not (folder / "pairs.arrow").exists():
         pairs = read_source(source, languages)
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +281,29 @@ def prepare_translation(source: str | Path | Sequence[ParallelText], languages: 
         except OSError:  # another process finished first: use its copy
             shutil.rmtree(private, ignore_errors=True)
     return TextPipeline(folder / "spm.model"), folder / "pairs.arrow"
+
+
+def _usable_cache(folder: Path) -> bool:
+    """Whether a cached tokeniser and store read back (a crash or a full disk can leave them
+    empty or cut); says why not."""
+    try:
+        TextPipeline(folder / "spm.model")
+        open_store(folder / "pairs.arrow")
+        return True
+    except (OSError, RuntimeError, pa.ArrowException) as error:
+        log.warning("translation cache %s is unusable (%s); rebuilding it", folder, str(error).splitlines()[0])
+        return False
+
+
+def _discard(folder: Path) -> None:
+    """Remove a cache folder: renamed aside first (atomic), so a process building its own copy
+    never meets a half-deleted one."""
+    aside = folder.with_name(f"{folder.name}.discarded{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except OSError:  # another process moved it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def open_store(path: str | Path) -> pa.Table:
