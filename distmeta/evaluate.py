@@ -13,6 +13,7 @@ from distmeta.config import JobConfig, load_run_job
 from distmeta.data.sampling import TaskSampler
 from distmeta.device import precision_context, resolve_device, to_device
 from distmeta.models import TaskModel
+from distmeta.models.base import check_params
 from distmeta.storage import Location
 from distmeta.types import NonFiniteError, Params
 
@@ -66,7 +67,8 @@ def evaluate_run(run_dir: str | Path | Location, tasks: int | None = None, steps
     ``ci95`` (of accuracy for classifiers, of MSE for regression).
 
     Raises:
-        ValueError: fewer than 2 tasks, or a negative round or step count.
+        ValueError: fewer than 2 tasks, a negative round or step count, or a checkpoint
+            that does not fit the job's model.
         FileNotFoundError: no checkpoint in the run directory.
     """
     run_dir = Location(run_dir)
@@ -80,7 +82,9 @@ def evaluate_run(run_dir: str | Path | Location, tasks: int | None = None, steps
     inner = eval_inner_loop(job, steps)
     split = split or job.eval.split
     sampler = with_queries(build_sampler(job), job.eval.queries)
-    report = evaluate(build_model(job), state["phi"], sampler, split, tasks, inner, job.eval.batch, round_index,
+    model = build_model(job)
+    check_params(model.init(torch.Generator()), state["phi"], f"the checkpoint of {run_dir}")
+    report = evaluate(model, state["phi"], sampler, split, tasks, inner, job.eval.batch, round_index,
                       resolve_device(job.runtime.device), job.runtime.precision)[inner.steps]
     return headline(report) | {"steps": inner.steps, "split": split, "round": round_index}
 

@@ -136,6 +136,15 @@ def test_state_dict_continues_exactly():
     assert store.state_dict()["sampler"] == {"next_step": 2, "next_ticket_step": 2}
 
 
+def test_a_checkpoint_of_another_model_is_refused_not_reshaped():
+    state = ParameterStore(params(), adam(1e-2), meta_batch=2).state_dict()
+    transposed = {**state, "phi": {**state["phi"], "conv.weight": state["phi"]["conv.weight"].reshape(3, 4, 3)}}
+    with pytest.raises(ValueError, match=r"conv.weight is \(3, 4, 3\), the model's is \(4, 3, 3\)"):
+        ParameterStore(params(), adam(1e-2), meta_batch=2, state=transposed)  # same size: a flat copy would pass
+    renamed = {**state, "phi": {"head.weight" if n == "head.bias" else n: t for n, t in state["phi"].items()}}
+    with pytest.raises(ValueError, match="head.bias missing; head.weight not in the model"):
+        ParameterStore(params(), adam(1e-2), meta_batch=2, state=renamed)
+
 def test_async_tickets_resume_at_a_step_boundary_whatever_the_worker_count():
     store = ParameterStore(params(), sgd(0.1), meta_batch=4, slices=2, mode="async")
     handed = [store.ticket() for _ in range(5)]  # steps 0, 0, 1, 1, 2

@@ -233,7 +233,6 @@ def test_sinusoid_maml_reduces_the_adapted_loss(tmp_path):
     assert summary["test_mse"] < 1.5
 
 
-
 @pytest.mark.slow
 def test_sigterm_stops_a_ray_run_like_ctrl_c_with_a_checkpoint(tmp_path):
     """``ray job stop`` and schedulers send SIGTERM; Ray's driver handler would exit at once and

@@ -26,6 +26,19 @@ class TaskModel(NamedTuple):
     batched_loss: BatchedLossFn
 
 
+def check_params(reference: Params, given: Params, what: str) -> None:
+    """Raises ValueError naming each parameter that ``given`` (e.g. a checkpoint's Φ) lacks,
+    adds, or shapes differently from ``reference`` (the model's own), before a flat copy could
+    silently reshape one into the other."""
+    problems = [f"{name} missing" for name in reference if name not in given]
+    problems += [f"{name} not in the model" for name in given if name not in reference]
+    problems += [f"{name} is {tuple(given[name].shape)}, the model's is {tuple(value.shape)}"
+                 for name, value in reference.items() if name in given and given[name].shape != value.shape]
+    if problems:
+        raise ValueError(f"{what} does not fit the job's model: {'; '.join(problems[:5])}"
+                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
 def vmapped(loss: LossFn) -> BatchedLossFn:
     """The generic batched form of a per-task loss: ``torch.func.vmap`` over tasks."""
     return torch.func.vmap(loss, in_dims=(0, 0))

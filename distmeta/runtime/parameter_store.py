@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from distmeta.models.base import check_params
 from distmeta.optim import Optimizer
 from distmeta.types import Contribution, NonFiniteError, Params
 
@@ -108,7 +109,7 @@ class ParameterStore:
         """``state``: a ``state_dict()`` to continue from (a checkpoint), else start at ``phi``.
 
         Raises:
-            ValueError: unknown mode.
+            ValueError: unknown mode, or a ``state`` whose Φ does not fit ``phi``'s names and shapes.
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -119,6 +120,7 @@ class ParameterStore:
             self.opt_state = optimizer.init({"phi": self.flat})
             self.version, self.tickets, self.rejected, self.stale = 0, 0, 0, 0
         else:
+            check_params(phi, state["phi"], "the checkpoint's Φ")
             self.flat = self.layout.flatten(state["phi"]).clone()
             self.opt_state = {k: {"phi": self.layout.flatten(v)} if isinstance(v, dict) else v
                               for k, v in state["opt_state"].items()}
