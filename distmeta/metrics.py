@@ -33,15 +33,35 @@ class MetricsLog:
         purging the same steps; ``None`` starts a fresh file at the first write."""
         purge = None
         if step is not None and self.path.exists():
-            with open(self.path, newline="") as handle:
-                reader = csv.DictReader(handle)
-                self.columns = list(reader.fieldnames or []) or None
-                kept = [row for row in reader if int(row["step"]) <= step]
-            self._rewrite(kept)
+            self._rewrite([row for row in self._read_rows() if int(row["step"]) <= step])
             purge = step + 1
         if self.board is not None:
             self.board.close()
         self.board = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+
+    def _read_rows(self) -> list[dict]:
+        """The file's rows, its header taken as the columns. A cut last row (a crash while it
+        was appended, so after the newest checkpoint) is dropped with a warning.
+
+        Raises:
+            ValueError: no step column, or a malformed row before the last (names the line).
+        """
+        with open(self.path, newline="", errors="replace") as handle:
+            reader = csv.DictReader(handle)
+            self.columns = list(reader.fieldnames or []) or None
+            rows = list(reader)
+        if "step" not in (self.columns or []):
+            raise ValueError(f"{self.path} has no step column (header {self.columns}); it is not a metrics file")
+
+        def whole(row: dict) -> bool:
+            return None not in row and None not in row.values() and row["step"].isdigit()
+
+        if rows and not whole(rows[-1]):
+            log.warning("%s: dropping its cut last row %s", self.path, rows.pop())
+        broken = [line for line, row in enumerate(rows, start=2) if not whole(row)]
+        if broken:
+            raise ValueError(f"{self.path} line {broken[0]} is malformed; repair or remove that row to resume")
+        return rows
 
     def _rewrite(self, rows: list[dict]) -> None:
         """Replace the file at once: a crash while rewriting must not lose the history."""
@@ -57,10 +77,7 @@ class MetricsLog:
         row = {"step": step, **values}
         new = [c for c in row if c not in (self.columns or [])]
         if new:
-            old_rows = []
-            if self.columns:
-                with open(self.path, newline="") as handle:
-                    old_rows = list(csv.DictReader(handle))
+            old_rows = self._read_rows() if self.columns else []
             self.columns = (self.columns or []) + new
             self._rewrite(old_rows)
         with open(self.path, "a", newline="") as handle:

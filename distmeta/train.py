@@ -162,6 +162,7 @@ def _check_run(job: JobConfig, run: Location, resume: bool) -> dict[str, Any] | 
                          f"its {schedule.schedule} learning-rate schedule decays over train.steps "
                          f"(optimizer.schedule_steps is null), so the rate would jump mid-run; keep train.steps, "
                          f"or start runs that may be extended with optimizer.schedule_steps set")
+    return state
 
 
 def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, state: dict[str, Any] | None,

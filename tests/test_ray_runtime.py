@@ -231,6 +231,7 @@ def test_a_killed_driver_resumes_to_the_same_phi(local_ray, tmp_path):
     assert [p.name for p in checkpoints(tmp_path / "crashed" / "checkpoints")] == ["step_00000002.pt",
                                                                                     "step_00000004.pt"]
     assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
+    assert "from step 4" in (tmp_path / "crashed" / "train.log").read_text()
     resumed = json.loads((tmp_path / "crashed" / "summary.json").read_text())
     assert resumed["steps"] == 6 and resumed["phi_sha256"] == calm["phi_sha256"]
     assert_same_phi(tmp_path / "calm", tmp_path / "crashed")

@@ -91,6 +91,7 @@ def test_a_crashed_run_resumed_from_the_cli_ends_with_the_same_phi(tmp_path, cap
         train(job, tmp_path / "crashed", runtime=failing_runtime(job, tmp_path / "crashed", fail_at=24))
     assert [p.name for p in checkpoints(tmp_path / "crashed" / "checkpoints")] == ["step_00000010.pt", "step_00000020.pt"]
     assert main(["train", "--resume", str(tmp_path / "crashed")]) == 0
+    assert "from step 20" in (tmp_path / "crashed" / "train.log").read_text()
     resumed = json.loads((tmp_path / "crashed" / "summary.json").read_text())
     for name, value in final_phi(tmp_path / "full").items():
         assert torch.equal(value, final_phi(tmp_path / "crashed")[name]), name
@@ -160,6 +161,21 @@ def test_a_corrupt_newest_checkpoint_is_named_and_nothing_is_written(tmp_path, c
     newest.rename(tmp_path / "step_00000020.pt.broken")  # as the message says: resume from the one before
     assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=30"]) == 0
     assert [int(r["step"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))] == [5, 10, 15, 20, 25, 30]
+
+
+def test_a_cut_last_metrics_row_is_dropped_and_a_malformed_earlier_one_named(tmp_path, caplog):
+    train(sinusoid_job(20), tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics.csv"
+    whole = metrics.read_text()
+    metrics.write_text(whole + "25,3.1")  # a crash while row 25 was appended, after the checkpoint at 20
+    train(sinusoid_job(30), tmp_path / "run", resume=True)
+    assert "dropping its cut last row" in caplog.text
+    assert [int(r["step"]) for r in csv.DictReader(open(metrics))] == [5, 10, 15, 20, 25, 30]
+    assert metrics.read_text().startswith(whole)  # resumed at 20, not recomputed from the start
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([*lines[:2], lines[2].split(",")[0], *lines[3:]]) + "\n")  # row 10 lost its values
+    with pytest.raises(ValueError, match=f"{metrics} line 3 is malformed"):
+        train(sinusoid_job(40), tmp_path / "run", resume=True)
 
 
 def test_a_folder_that_is_not_a_run_says_so(tmp_path, capsys):
