@@ -255,8 +255,11 @@ def test_source_argument_beats_env_and_env_beats_cache(fake: Path, tmp_path: Pat
     monkeypatch.setenv(omniglot.SOURCE_ENV, str(tmp_path / "nowhere"))
     assert load_omniglot(fake).images.shape == (5, 20, 28, 28)
     assert list((tmp_path / "env_cache" / "omniglot").glob("*.npy"))
-    with pytest.raises(DataError, match=f"\\${omniglot.SOURCE_ENV} .*nowhere is not a directory"):
+    with pytest.raises(DataError, match=f"\\${omniglot.SOURCE_ENV} .*nowhere does not exist"):
         load_omniglot()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="data.omniglot .*a_file is not a directory"):
+        load_omniglot(tmp_path / "a_file")
     monkeypatch.setenv(omniglot.SOURCE_ENV, str(fake))
     monkeypatch.setattr(omniglot, "_download", lambda url, destination: pytest.fail("must not download"))
     assert load_omniglot().images.shape == (5, 20, 28, 28)

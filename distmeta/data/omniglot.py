@@ -109,15 +109,17 @@ def _ensure_downloaded(raw_dir: Path, download: bool) -> None:
 def _resolve_source(source: str | os.PathLike | None, cache_dir: Path, download: bool) -> Path:
     """Argument > $DISTMETA_OMNIGLOT > <cache>/omniglot/raw (downloaded there on demand)."""
     if source is not None:
-        root, origin = Path(source), "source argument"
+        root, origin = Path(source), "data.omniglot"
     elif os.environ.get(SOURCE_ENV):
         root, origin = Path(os.environ[SOURCE_ENV]), f"${SOURCE_ENV}"
     else:
         root = cache_dir / "omniglot" / "raw"
         _ensure_downloaded(root, download)
         return root
+    if not root.exists():
+        raise DataError(f"Omniglot: {origin} {root} does not exist")
     if not root.is_dir():
-        raise DataError(f"Omniglot: {origin} {root} is not a directory")
+        raise DataError(f"Omniglot: {origin} {root} is not a directory (it should hold the two zips or their folders)")
     return root
 
 
