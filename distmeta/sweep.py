@@ -284,9 +284,10 @@ def write_report(spec: SweepConfig, base: dict, out: Path, results) -> dict[str,
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **result.config,
-                     "status": "error" if result.error else "done", "step": metrics.get("step"),
-                     "reports": metrics.get("training_iteration"), spec.metric: metrics.get(spec.metric)})
+        step = metrics.get("step")
+        status = "error" if result.error else "stopped early" if step is not None and step < job.train.steps else "done"
+        rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **result.config, "status": status,
+                     "step": step, "reports": metrics.get("training_iteration"), spec.metric: metrics.get(spec.metric)})
     _write_csv(out / "results.csv", rows)
     finished = [r for r in rows if r[spec.metric] is not None]
     if not finished:
@@ -303,8 +304,7 @@ def write_report(spec: SweepConfig, base: dict, out: Path, results) -> dict[str,
     plot_heatmap([{"algorithm.inner_lr": a.inner_lr, "algorithm.inner_steps": a.inner_steps} | r for r in rows],
                  spec, out / "heatmap.png")
     summary = {"name": spec.name, "metric": spec.metric, "mode": spec.mode, "trials": len(rows),
-               "stopped_early": sum(1 for r in finished if r["step"] is not None
-                                    and r["step"] < job.train.steps),
+               "stopped_early": sum(1 for r in rows if r["status"] == "stopped early"),
                "best_trial": best["trial"], "best_config": config, f"best_{spec.metric}": best[spec.metric],
                "best_test": {k: test[k] for k in ("metric", test["metric"], "ci95", "tasks", "split")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

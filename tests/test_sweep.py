@@ -68,6 +68,8 @@ def test_smoke_sweep_ranks_inner_lr_stops_early_and_writes_a_runnable_best_job(t
     assert min(best_mse[0.0], best_mse[0.0001]) > max(best_mse[0.01], best_mse[0.03])  # adapting beats not adapting
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] >= 1 and summary["best_config"]["algorithm.inner_lr"] in (0.01, 0.03)
+    assert summary["stopped_early"] == sum(r["status"] == "stopped early" for r in rows)
+    assert all(r["status"] == ("done" if int(r["step"]) == 600 else "stopped early") for r in rows)
     assert summary["best_test"]["tasks"] == 200 and summary["best_test"]["split"] == "test"
     best = load_job(out / "best_job.yaml")
     assert best.algorithm.inner_lr == summary["best_config"]["algorithm.inner_lr"] and best.runtime.workers == 1
