@@ -259,6 +259,8 @@ def _load_cache(images_path: Path, index_path: Path) -> Omniglot | None:
         if sum(index["background"]) != EXPECTED_CHARACTERS["images_background"]:
             raise ValueError(f"index marks {sum(index['background'])} background characters, "
                              f"expected {EXPECTED_CHARACTERS['images_background']}")
+        if "images_sha256" not in index:
+            raise ValueError("its index has no pixel checksum (written by an older distmeta)")
         if index["images_sha256"] != _digest(images):
             raise ValueError("its pixels do not match the sha256 recorded when it was written")
     except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
