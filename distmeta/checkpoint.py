@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,11 @@ def load_checkpoint(path: str | Path | Location) -> dict[str, Any]:
     data = path.read_bytes()
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, EOFError or UnpicklingError, by how it is broken
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # by how it is broken
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "Unsupported global" in str(error):  # whole, but holds objects distmeta never saves
+            reason = "it holds objects other than tensors and plain values, so it is not a distmeta checkpoint"
+        elif "Weights only load failed" in str(error):
+            reason = "not a PyTorch checkpoint (unreadable bytes)"
         raise CorruptCheckpointError(f"checkpoint {path} ({len(data)} bytes) cannot be read: {reason}. Move it "
                                      "out of checkpoints/ to resume from the one before it") from None

@@ -26,13 +26,18 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 def evaluate(model: TaskModel, phi: Params, sampler: TaskSampler, split: str, tasks: int, inner: InnerLoop,
              batch: int = 50, round_index: int = 0, device: torch.device | str = "cpu",
-             precision: str = "fp32", record_at: tuple[int, ...] | None = None) -> dict[int, dict[str, float]]:
+             precision: str = "fp32", record_at: tuple[int, ...] | None = None,
+             allow_non_finite: bool = False) -> dict[int, dict[str, float]]:
     """Query metrics (mean and ``<name>_ci95``) over ``tasks`` tasks after each step count.
 
     Tasks are the counter-based tasks ``0..tasks-1`` of round ``round_index`` of ``split``,
     so the same call always scores the same tasks; another round draws fresh ones.
     Returns ``{steps: {"loss": .., "loss_ci95": .., "accuracy": .., ...}}`` for each entry of
     ``record_at`` (default: only ``inner.steps``).
+
+    Raises:
+        NonFiniteError: a non-finite mean loss (adaptation diverged: NaN logits would score
+            chance accuracy, which reads as a result), unless ``allow_non_finite``.
     """
     device = torch.device(device)
     record_at = record_at or (inner.steps,)
@@ -51,10 +56,10 @@ def evaluate(model: TaskModel, phi: Params, sampler: TaskSampler, split: str, ta
         for name, chunks in metrics.items():
             mean, ci = mean_ci95(torch.cat(chunks))
             report[steps][name], report[steps][f"{name}_ci95"] = mean, ci
-        if not math.isfinite(report[steps]["loss"]):
-            raise NonFiniteError(f"{split} loss after {steps} inner step(s) is {report[steps]['loss']}: adaptation "
-                                 "diverges from this Φ (lower the inner learning rate or the steps) or Φ itself "
-                                 "is non-finite; no score is reported")
+        if not (allow_non_finite or math.isfinite(report[steps]["loss"])):
+            raise NonFiniteError(f"{split} loss after {steps} inner step(s) at rate {inner.lr} is "
+                                 f"{report[steps]['loss']}: adaptation diverges from this Φ (lower "
+                                 "algorithm.inner_lr, or the steps: eval.inner_steps, --steps); no score is reported")
     return report
 
 
@@ -105,14 +110,17 @@ class JobEvaluator:
         self.sampler = with_queries(build_sampler(job), job.eval.queries)
         self.device = resolve_device(job.runtime.device) if device is None else torch.device(device)
 
-    def _report(self, phi: Params, split: str, tasks: int) -> dict[str, float]:
+    def _report(self, phi: Params, split: str, tasks: int, allow_non_finite: bool = False) -> dict[str, float]:
         job = self.job
         return evaluate(self.model, phi, self.sampler, split, tasks, eval_inner_loop(job), job.eval.batch,
-                        device=self.device, precision=job.runtime.precision)[job.eval.inner_steps]
+                        device=self.device, precision=job.runtime.precision,
+                        allow_non_finite=allow_non_finite)[job.eval.inner_steps]
 
     def validate(self, phi: Params) -> dict[str, float]:
-        """``val_<metric>`` after ``eval.inner_steps`` on ``train.val_tasks`` meta-validation tasks."""
-        report = self._report(phi, "val", self.job.train.val_tasks)
+        """``val_<metric>`` after ``eval.inner_steps`` on ``train.val_tasks`` meta-validation tasks.
+        A diverging adaptation gives a NaN row (the driver warns), not an error: training itself
+        is fine, and stopping it would lose the steps since the last checkpoint."""
+        report = self._report(phi, "val", self.job.train.val_tasks, allow_non_finite=True)
         return {f"val_{k}": v for k, v in report.items() if k != "tasks"}
 
     def test(self, phi: Params) -> dict[str, float]:

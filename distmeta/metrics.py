@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -110,6 +111,10 @@ class PendingRows:
             if validation is not None:
                 result = validation.result()
                 log.info("step %d validation: %s", step, " ".join(f"{k} {v:.4g}" for k, v in result.items()))
+                if not math.isfinite(result.get("val_loss", 0.0)):
+                    log.warning("step %d: the validation loss is %s, adaptation diverges from this Φ (lower "
+                                "algorithm.inner_lr or eval.inner_steps); the final test will refuse to score it",
+                                step, result["val_loss"])
                 values = values | result
             self.log.write(step, values)
             self.written.append({"step": step, **values})

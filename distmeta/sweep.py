@@ -285,7 +285,8 @@ def write_report(spec: SweepConfig, base: dict, out: Path, results) -> dict[str,
     for result in results:
         metrics = result.metrics or {}
         step = metrics.get("step")
-        status = "error" if result.error else "stopped early" if step is not None and step < job.train.steps else "done"
+        steps = trial_job(base, result.config).train.steps
+        status = "error" if result.error else "stopped early" if step is not None and step < steps else "done"
         rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **result.config, "status": status,
                      "step": step, "reports": metrics.get("training_iteration"), spec.metric: metrics.get(spec.metric)})
     _write_csv(out / "results.csv", rows)

@@ -24,7 +24,7 @@ import torch
 from distmeta.algorithms.inner import adapted_names
 from distmeta.checkpoint import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint
 from distmeta.components import build_model, build_sampler
-from distmeta.config import RESOURCE_KEYS, JobConfig, changed_keys, job_from_dict, job_to_dict
+from distmeta.config import RESOURCE_KEYS, JobConfig, changed_keys, job_from_dict, job_to_dict, load_run_job
 from distmeta.device import resolve_device
 from distmeta.metrics import MetricsLog, PendingRows, Progress, plot_learning_curve
 from distmeta.runtime import LocalRuntime, Rewound, Runtime
@@ -78,6 +78,8 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
         if resume:
             run.download_to(local_dir, skip=("checkpoints",))
     local_dir.mkdir(parents=True, exist_ok=True)
+    if state is None:  # starting over a run that never checkpointed: its events would mix with the new ones
+        shutil.rmtree(local_dir / "tensorboard", ignore_errors=True)
     Location(local_dir / "config.json").write_bytes(json.dumps(job_to_dict(job), indent=2).encode())
     file_log = logging.FileHandler(local_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -141,17 +143,21 @@ def _check_run(job: JobConfig, run: Location, resume: bool) -> dict[str, Any] | 
     """The newest checkpoint's state when resuming, once ``job`` is found fit to continue it;
     nothing in ``run`` is written before this passes."""
     if not resume:
-        finished = [name for name in ("metrics.csv", "summary.json") if (run / name).exists()]
-        if checkpoints(run / "checkpoints") or finished:
-            raise FileExistsError(f"{run} already holds a run ({', '.join(finished) or 'checkpoints'}); "
-                                  "resume it (--resume) or choose another --out")
+        if checkpoints(run / "checkpoints"):
+            raise FileExistsError(f"{run} already holds a run; resume it (--resume) or choose another --out")
+        if (run / "summary.json").exists():
+            raise FileExistsError(f"{run} holds a finished run (summary.json) whose checkpoints are gone; "
+                                  "choose another --out")
+        if (run / "metrics.csv").exists():  # a run that failed before its first checkpoint: nothing to resume
+            log.warning("%s holds a run that stopped before its first checkpoint; starting it over", run)
         return None
     newest = latest_checkpoint(run / "checkpoints")  # FileNotFoundError when there is nothing to resume
     at = checkpoint_step(newest)
     if job.train.steps < at:
         raise ValueError(f"cannot resume {run} with train.steps {job.train.steps}: its checkpoint is at step {at}")
     state = load_checkpoint(newest)
-    saved = job_from_dict(state["config"], str(newest))  # the job Φ was trained with, whatever config.json says now
+    # the job Φ was trained with, whatever config.json says now (checkpoints from before it was kept: config.json)
+    saved = job_from_dict(state["config"], str(newest)) if "config" in state else load_run_job(run)
     changed = changed_keys(saved, job, ignore=RESUMABLE_KEYS)
     if changed:
         raise ValueError(f"cannot resume {run} with a different job: {', '.join(changed)} changed "

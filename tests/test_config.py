@@ -7,7 +7,7 @@ import pytest
 
 from distmeta.cli import main
 from distmeta.compare.config import is_compare_file, load_compare
-from distmeta.config import ConfigError, job_from_dict, load_job
+from distmeta.config import ConfigError, job_from_dict, load_job, read_config_file
 from distmeta.sweep import is_sweep_file, load_sweep
 
 JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
@@ -94,6 +94,12 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     path.write_bytes(b"name: \xff\n")
     assert main(["validate", str(path)]) == 2
     assert f"{path}: 1 problem(s)\n  - not UTF-8 text" in capsys.readouterr().err
+
+
+def test_yaml_merge_keys_still_work_beside_the_duplicate_key_check(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("base: &base {steps: 10, meta_batch: 4}\ntrain: {<<: *base, steps: 20}\n")
+    assert read_config_file(path)["train"] == {"steps": 20, "meta_batch": 4}  # own keys override merged ones
 
 
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):

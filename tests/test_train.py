@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distmeta import cli
-from distmeta.checkpoint import checkpoints, load_checkpoint
+from distmeta.checkpoint import checkpoint_step, checkpoints, load_checkpoint
 from distmeta.cli import main
 from distmeta.components import build_job_algorithm, build_model, build_sampler
 from distmeta.config import load_job
@@ -131,8 +131,21 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_math(tmp_path
     assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=20"]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # a finished run's other files are still not overwritten
-    with pytest.raises(FileExistsError, match=r"already holds a run \(metrics.csv, summary.json\)"):
+    with pytest.raises(FileExistsError, match=r"holds a finished run \(summary.json\) whose checkpoints are gone"):
         train(sinusoid_job(10), tmp_path / "run")
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_over(tmp_path):
+    """What a Ray Tune trial retry or a compare rerun does: resume if there is a checkpoint,
+    else start again in the same folder."""
+    job = sinusoid_job(20)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(job, tmp_path / "run", runtime=failing_runtime(job, tmp_path / "run", fail_at=7))
+    assert (tmp_path / "run" / "metrics.csv").exists() and not checkpoints(tmp_path / "run" / "checkpoints")
+    summary = train(job, tmp_path / "run", resume=bool(checkpoints(tmp_path / "run" / "checkpoints")))
+    assert summary["steps"] == 20 and summary["phi_sha256"] == train(job, tmp_path / "fresh")["phi_sha256"]
+    assert [int(r["step"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))] == [5, 10, 15, 20]
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1  # the failed attempt's events are gone
 
 
 def test_resume_checks_the_job_against_the_checkpoint_not_config_json(tmp_path, capsys):
@@ -146,6 +159,11 @@ def test_resume_checks_the_job_against_the_checkpoint_not_config_json(tmp_path, 
     config["data"]["cache"] = str(tmp_path / "elsewhere")  # where the data is may change (a moved run)
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=20"]) == 0
+    newest = checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    state = load_checkpoint(newest)
+    del state["config"]  # as checkpoints from before it was kept: config.json is the job then
+    torch.save(state, newest.path)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=25"]) == 0
 
 
 def test_a_corrupt_newest_checkpoint_is_named_and_nothing_is_written(tmp_path, capsys):
@@ -226,8 +244,19 @@ def test_a_diverging_evaluation_is_an_error_not_a_chance_score(tmp_path, capsys)
     config["algorithm"]["inner_lr"] = 1e30  # what evaluation adapts with: it now diverges
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     assert main(["eval", str(tmp_path / "run"), "--json"]) == 1
-    assert "test loss after 10 inner step(s) is nan: adaptation diverges" in capsys.readouterr().err
+    assert "test loss after 10 inner step(s) at rate 1e+30 is nan: adaptation diverges" in capsys.readouterr().err
     assert not list((tmp_path / "run").glob("eval_*.json"))
+
+
+def test_a_diverging_validation_is_logged_and_training_goes_on_to_its_checkpoint(tmp_path, caplog):
+    job = sinusoid_job(40, "algorithm.inner_lr=0.3", "eval.inner_steps=50", "train.val_every=10",
+                       "train.log_every=10", "train.checkpoint_every=20", "train.val_tasks=10")
+    with pytest.raises(NonFiniteError, match="test loss after 50 inner step"):
+        train(job, tmp_path / "run")
+    assert "step 10: the validation loss is nan, adaptation diverges" in caplog.text
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["10", "20", "30", "40"] and all(r["val_loss"] == "nan" for r in rows)
+    assert checkpoint_step(checkpoints(tmp_path / "run" / "checkpoints")[-1]) == 40  # saved before the test
 
 def test_time_limit_stops_training_and_still_reports(tmp_path):
     summary = train(sinusoid_job(100000, "train.time_limit_s=0.5"), tmp_path / "run")

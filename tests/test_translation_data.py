@@ -102,6 +102,11 @@ def test_text_that_is_not_text_is_refused_and_blank_pairs_are_dropped(tmp_path, 
     assert table.column("src").to_pylist() == ["Hallo"] and "1 pair(s) with a blank source or target dropped" in caplog.text
     with pytest.raises(DataError, match="only blank pairs for language\\(s\\) fra"):
         read_source(blank, ["deu", "fra"])
+    categorical = pa.table({"src_lang": pa.array(["deu", "fra"]).dictionary_encode(),  # how pandas writes category
+                            "tgt_lang": ["eng", "eng"], "split": pa.array(["train", "train"]).dictionary_encode(),
+                            "src": ["Hallo", "Salut"], "tgt": ["Hello", "Hi"]})
+    pq.write_table(categorical, tmp_path / "categorical.parquet")
+    assert read_source(tmp_path / "categorical.parquet", ["fra"]).column("src_lang").to_pylist() == ["fra"]
     (tmp_path / "a.txt").write_text("eins\n\n")
     (tmp_path / "b.txt").write_text("one\ntwo\n")
     files = [ParallelText(str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "deu", "train")]

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -130,8 +131,13 @@ def _usable_pairs(table: pa.Table, source: str, languages: Sequence[str] | None)
     """
     for name in REQUIRED_COLUMNS:
         column = table.column(name)
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        text_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type  # pandas category
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
+                or pa.types.is_string_view(text_type)):
             raise DataError(f"{source}: column {name} holds {column.type}, not text")
+        if column.type != pa.string():
+            table = table.set_column(table.schema.get_field_index(name), name, column.cast(pa.string()))
+            column = table.column(name)
         if column.null_count:
             raise DataError(f"{source}: column {name} has {column.null_count} missing value(s)")
     blank = pc.or_(pc.equal(pc.utf8_trim_whitespace(table.column("src")), ""),
@@ -298,11 +304,13 @@ def _usable_cache(folder: Path) -> bool:
 def _discard(folder: Path) -> None:
     """Remove a cache folder: renamed aside first (atomic), so a process building its own copy
     never meets a half-deleted one."""
-    aside = folder.with_name(f"{folder.name}.discarded{os.getpid()}")
+    aside = folder.with_name(f"{folder.name}.discarded-{uuid.uuid4().hex[:12]}")
     try:
         os.replace(folder, aside)
-    except OSError:  # another process moved it first
+    except FileNotFoundError:  # another process moved it first
         return
+    except OSError as error:
+        raise DataError(f"translation cache {folder} is unusable and cannot be removed ({error}); delete it") from None
     shutil.rmtree(aside, ignore_errors=True)
 
 
