@@ -11,7 +11,13 @@ from distmeta.data.omniglot import DataError, default_cache_dir, load_omniglot
 from distmeta.data.omniglot_tasks import OmniglotTasks
 from distmeta.data.sampling import TaskSampler
 from distmeta.data.sinusoid import SinusoidTasks
-from distmeta.data.translation import ParallelText, TranslationTasks, open_store, prepare_translation
+from distmeta.data.translation import (
+    ParallelText,
+    TranslationTasks,
+    open_store,
+    prepare_translation,
+    source_digest,
+)
 from distmeta.models import TaskModel, make_conv4, make_mlp
 from distmeta.models.transformer import TransformerSize, make_transformer
 from distmeta.optim import Optimizer, build_optimizer, schedule
@@ -73,6 +79,20 @@ def build_sampler(job: JobConfig) -> TaskSampler:
     data = load_omniglot(job.data.omniglot, job.data.cache)
     return OmniglotTasks(data, ways=t.ways, shots=t.shots, queries=t.queries, protocol=t.protocol,
                          rotations=tuple(t.rotations), val_characters=t.val_characters, seed=job.seed)
+
+
+def data_sha256(job: JobConfig) -> str | None:
+    """What the job's data is, wherever it lies (None: generated from the seed), so a run
+    resumed with its data elsewhere can check that it is the same.
+
+    Raises:
+        DataError: the data is missing or unreadable.
+    """
+    if job.task.dataset == "sinusoid":
+        return None
+    if job.task.dataset == "translation":
+        return source_digest(translation_source(job))
+    return load_omniglot(job.data.omniglot, job.data.cache).sha256
 
 
 def translation_source(job: JobConfig) -> str | list[ParallelText]:

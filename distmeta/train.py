@@ -23,7 +23,7 @@ import torch
 
 from distmeta.algorithms.inner import adapted_names
 from distmeta.checkpoint import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint
-from distmeta.components import build_model, build_sampler
+from distmeta.components import build_model, build_sampler, data_sha256
 from distmeta.config import RESOURCE_KEYS, JobConfig, changed_keys, job_from_dict, job_to_dict, load_run_job
 from distmeta.device import resolve_device
 from distmeta.metrics import MetricsLog, PendingRows, Progress, plot_learning_curve
@@ -64,13 +64,15 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
         FileExistsError: ``out`` already holds checkpoints and ``resume`` is off.
         ValueError: resuming with a job that differs outside ``RESUMABLE_KEYS``, with fewer
             ``train.steps`` than the checkpoint's step, or with other ``train.steps`` under a
-            schedule that decays over them; a cluster that cannot hold the workers.
+            schedule that decays over them, or whose data has another digest; a cluster that
+            cannot hold the workers.
         PermissionError: the run location is not writable.
         FileNotFoundError: ``resume`` without a checkpoint.
         NonFiniteError: a non-finite meta-gradient or Φ (lower the learning rates).
     """
     run = Location(out if out is not None else default_run_dir(job))
-    state = _check_run(job, run, resume)
+    data = data_sha256(job)
+    state = _check_run(job, run, resume, data)
     run.check_writable()
     local_dir = run.local or _staging_dir(run)
     if run.local is None:  # the staging copy starts from what the run location holds, nothing else
@@ -94,7 +96,7 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
                 runtime = _make_runtime(job, run, state, stack)
             stack.callback(runtime.close)
             stack.enter_context(_sigterm_as_interrupt())  # after ray.init, which sets its own handler
-            return _train(job, run, local_dir, runtime, state, on_checkpoint)
+            return _train(job, run, local_dir, runtime, state, on_checkpoint, data)
     finally:
         log.removeHandler(file_log)
         file_log.close()
@@ -139,9 +141,9 @@ def _staging_dir(run: Location) -> Path:
     return Path(tempfile.gettempdir()) / "distmeta-runs" / hashlib.sha1(run.uri.encode()).hexdigest()[:16]
 
 
-def _check_run(job: JobConfig, run: Location, resume: bool) -> dict[str, Any] | None:
-    """The newest checkpoint's state when resuming, once ``job`` is found fit to continue it;
-    nothing in ``run`` is written before this passes."""
+def _check_run(job: JobConfig, run: Location, resume: bool, data: str | None) -> dict[str, Any] | None:
+    """The newest checkpoint's state when resuming, once ``job`` (whose data has the digest
+    ``data``) is found fit to continue it; nothing in ``run`` is written before this passes."""
     if not resume:
         if checkpoints(run / "checkpoints"):
             raise FileExistsError(f"{run} already holds a run; resume it (--resume) or choose another --out")
@@ -158,6 +160,10 @@ def _check_run(job: JobConfig, run: Location, resume: bool) -> dict[str, Any] | 
     state = load_checkpoint(newest)
     # the job Φ was trained with, whatever config.json says now (checkpoints from before it was kept: config.json)
     saved = job_from_dict(state["config"], str(newest)) if "config" in state else load_run_job(run)
+    if state.get("data_sha256", data) != data:
+        raise ValueError(f"cannot resume {run}: its data has changed (sha256 {state['data_sha256'][:12]}… when "
+                         f"checkpointed, {str(data)[:12]}… now); data.* may say where the same data lies, not "
+                         "name other data")
     changed = changed_keys(saved, job, ignore=RESUMABLE_KEYS)
     if changed:
         raise ValueError(f"cannot resume {run} with a different job: {', '.join(changed)} changed "
@@ -172,7 +178,7 @@ def _check_run(job: JobConfig, run: Location, resume: bool) -> dict[str, Any] | 
 
 
 def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, state: dict[str, Any] | None,
-           on_checkpoint: CheckpointHook | None) -> dict[str, Any]:
+           on_checkpoint: CheckpointHook | None, data: str | None) -> dict[str, Any]:
     tr = job.train
     step = runtime.version
     progress = Progress(tr.steps, tr.meta_batch, tr.time_limit_s, step, (state or {}).get("elapsed_s", 0.0))
@@ -187,7 +193,7 @@ def _train(job: JobConfig, run: Location, local_dir: Path, runtime: Runtime, sta
         nonlocal unsaved
         unsaved = False
         rows.write_ready(wait=True)  # a checkpoint never runs ahead of the metrics it stands for
-        runtime.checkpoint({"elapsed_s": progress.elapsed(), "window": dict(window)})
+        runtime.checkpoint({"elapsed_s": progress.elapsed(), "window": dict(window), "data_sha256": data})
         if run.local is None:
             run.upload_from(local_dir)
         if on_checkpoint is not None:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import csv
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from distmeta.cli import main
 from distmeta.config import load_job
 from distmeta.data.omniglot import DataError
 from distmeta.train import train
@@ -54,3 +58,17 @@ def test_ray_workers_get_the_data_path_the_driver_was_given(translation_env, mon
         assert train(job, tmp_path / "run")["steps"] == 2
     finally:
         ray.shutdown()
+
+
+def test_a_resume_may_find_the_data_elsewhere_but_not_other_data(translation_env, tmp_path):
+    job = load_job(JOB, ["train.steps=2", "train.log_every=1", "train.val_every=0", "train.checkpoint_every=2",
+                         "eval.tasks=2"])
+    train(job, tmp_path / "run")
+    moved = tmp_path / "moved.parquet"
+    shutil.copyfile(TATOEBA, moved)  # the same bytes at another path: a run moved to another machine
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.steps=3",
+                 "--set", f"data.translation={moved}"]) == 0
+    pq.write_table(pq.read_table(TATOEBA).slice(1), tmp_path / "other.parquet")  # one pair fewer: other data
+    with pytest.raises(ValueError, match="its data has changed .* not name other data"):
+        train(replace(job, train=replace(job.train, steps=4), data=replace(job.data, translation=str(tmp_path / "other.parquet"))),
+              tmp_path / "run", resume=True)

@@ -61,6 +61,7 @@ class Omniglot:
     alphabets: tuple[str, ...]  # per character, its alphabet folder name
     characters: tuple[str, ...]  # per character, "Alphabet/characterNN"
     background: np.ndarray  # bool (characters,), True for characters from images_background.zip
+    sha256: str = ""  # of the pixels, as the cache recorded and checked it
 
 
 def default_cache_dir() -> Path:
@@ -271,6 +272,7 @@ def _load_cache(images_path: Path, index_path: Path) -> Omniglot | None:
         alphabets=tuple(index["alphabets"]),
         characters=tuple(index["characters"]),
         background=np.asarray(index["background"], dtype=bool),
+        sha256=index["images_sha256"],
     )
 
 
