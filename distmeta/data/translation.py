@@ -32,6 +32,7 @@ from distmeta.data.sampling import task_rng
 from distmeta.types import TaskBatch
 
 REQUIRED_COLUMNS = ("src_lang", "tgt_lang", "split", "src", "tgt")
+STORE_VERSION = 2  # in the cache key: raised when what is stored changes (2: blank pairs are dropped)
 DATA_SPLIT = {"train": "train", "val": "dev", "test": "test"}  # sampler split -> the data's split name
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 log = logging.getLogger("distmeta.data")
@@ -271,7 +272,7 @@ def prepare_translation(source: str | Path | Sequence[ParallelText], languages: 
     """
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         read_pairs(source)  # the clear error
-    key = hashlib.sha1(f"{source_digest(source)}|{sorted(languages)}|{vocab_size}".encode())
+    key = hashlib.sha1(f"{source_digest(source)}|{sorted(languages)}|{vocab_size}|{STORE_VERSION}".encode())
     folder = cache_dir / "translation" / key.hexdigest()[:16]
     if folder.exists() and not _usable_cache(folder):
         _discard(folder)
