@@ -26,6 +26,7 @@ from distmeta.compare.pipeline import (
     result_file,
     run_settings,
     runs,
+    sentence_digests,
     stage_meta,
     training_tokens,
 )
@@ -228,6 +229,13 @@ def test_the_smoke_comparison_learns_reports_and_redoes_only_what_is_missing(tmp
     assert all(files[r].stat().st_mtime_ns == stamps[r] for r in files if r != redo) and files[redo].exists()
     wider, _ = load_compare(SMOKE, ["finetune.seeds=[0, 1]", "finetune.budgets=[0, 3000, 6000]"])
     assert all(is_current(f, run_settings(wider)) for f in files.values())  # more seeds/budgets keep these
+    sentences = {t: sentence_digests(spec, job, t) for t in spec.targets}
+    assert all(is_current(f, run_settings(spec), sentences[r[0]]) for r, f in files.items())
+    result = json.loads(files[redo].read_text())
+    files[redo].write_text(json.dumps({**result, "sentences_sha256": {**result["sentences_sha256"], "test": "0" * 64}}))
+    with pytest.raises(FileNotFoundError, match="or for other dev/test sentences"):  # never scored against other refs
+        compare(SMOKE, folder, stage="report")
+    files[redo].write_text(json.dumps(result))
 
     changed = write_compare(tmp_path, finetune={**yaml.safe_load(SMOKE.read_text())["finetune"], "lr": 0.002})
     with pytest.raises(FileNotFoundError, match="made under other finetune/decode settings"):

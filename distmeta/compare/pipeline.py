@@ -18,6 +18,7 @@ is to take more targets later names them in ``vocab_languages`` from the start.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -198,11 +199,28 @@ def run_settings(spec: CompareConfig) -> dict[str, Any]:
     return {"finetune": asdict(spec.finetune), "decode": asdict(spec.decode)}
 
 
-def is_current(path: Path, settings: dict[str, Any]) -> bool:
-    """Whether ``path`` holds a result made under ``settings``. The lists of budgets and seeds
-    do not count (each run's key holds its own), so adding a budget or a seed runs only the
-    new runs."""
-    return path.exists() and _without_run_lists(json.loads(path.read_text()).get("settings")) == _without_run_lists(settings)
+def is_current(path: Path, settings: dict[str, Any], sentences: dict[str, str] | None = None) -> bool:
+    """Whether ``path`` holds a result made under ``settings`` and, where it recorded them,
+    for the dev and test ``sentences`` (``sentence_digests``) read now. The lists of budgets
+    and seeds do not count (each run's key holds its own), so adding a budget or a seed runs
+    only the new runs."""
+    if not path.exists():
+        return False
+    result = json.loads(path.read_text())
+    recorded = result.get("sentences_sha256")
+    return (_without_run_lists(result.get("settings")) == _without_run_lists(settings)
+            and (recorded is None or sentences is None or recorded == sentences))
+
+
+def sentence_digests(spec: CompareConfig, job: JobConfig, target: str) -> dict[str, str]:
+    """sha256 of the dev and test pairs a target's results decode and are scored against: a
+    result from other sentences (the data, or how it is read, changed) is redone, never
+    scored against references it was not decoded for."""
+    digests = {}
+    for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs)):
+        sources, targets = references(job, target, split, count)
+        digests[split] = hashlib.sha256("\n".join([*sources, "\0", *targets]).encode()).hexdigest()
+    return digests
 
 
 def _without_run_lists(settings: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -247,10 +265,12 @@ def stage_finetune(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
     inits = {name: ray.put(initialisation(name, job, folder)) for name in INITS}
     remote = ray.remote(num_cpus=spec.finetune.cpus, num_gpus=spec.finetune.gpus, max_retries=2)(finetune_run)
     every = runs(spec, training_tokens(job, spec.targets))
-    todo = [r for r in every if not is_current(result_file(folder, *r), run_settings(spec))]
+    sentences = {target: sentence_digests(spec, job, target) for target in spec.targets}
+    todo = [r for r in every if not is_current(result_file(folder, *r), run_settings(spec), sentences[r[0]])]
     log.info("compare: %d fine-tuning runs, %d already done", len(every), len(every) - len(todo))
     pending = {remote.remote(asdict(spec), job_to_dict(job), inits[init], target, init, budget, seed,
-                             str(result_file(folder, target, init, budget, seed))): (target, init, budget, seed)
+                             str(result_file(folder, target, init, budget, seed)), sentences[target]):
+               (target, init, budget, seed)
                for target, init, budget, seed in todo}
     began, finished = time.perf_counter(), 0
     while pending:
@@ -265,8 +285,9 @@ def stage_finetune(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
 
 
 def finetune_run(spec_dict: dict, job_dict: dict, phi: dict[str, torch.Tensor], target: str, init: str,
-                 budget: int | None, seed: int, out: str) -> dict[str, Any]:
-    """One fine-tuning run and its translations, written to ``out`` (a Ray task)."""
+                 budget: int | None, seed: int, out: str, sentences: dict[str, str]) -> dict[str, Any]:
+    """One fine-tuning run and its translations of the dev and test pairs whose
+    ``sentence_digests`` are ``sentences``, written to ``out`` (a Ray task)."""
     from distmeta.compare.config import build_compare
     from distmeta.compare.finetune import finetune_on_dev, translate
     from distmeta.device import resolve_device
@@ -286,7 +307,8 @@ def finetune_run(spec_dict: dict, job_dict: dict, phi: dict[str, torch.Tensor], 
                "train_pairs": len(train_rows), "train_tokens": tasks.target_tokens(train_rows),
                "steps": tuned.steps, "best_step": tuned.best_step, "dev_loss": tuned.dev_loss,
                "start_dev_loss": tuned.start_dev_loss, "curve": tuned.curve,
-               "finetune_s": time.perf_counter() - began, "test_sources_cut": tasks.sources_cut(test_rows)}
+               "finetune_s": time.perf_counter() - began, "test_sources_cut": tasks.sources_cut(test_rows),
+               "sentences_sha256": sentences}
     summary["dev_hypotheses"] = translate(tuned.phi, size, tasks, pipeline, dev_rows, spec.decode, device)
     summary["test_hypotheses"] = translate(tuned.phi, size, tasks, pipeline, test_rows, spec.decode, device)
     summary["seconds"] = time.perf_counter() - began
@@ -309,10 +331,12 @@ def stage_report(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
 
     tokens = training_tokens(job, spec.targets)
     every = runs(spec, tokens)
-    missing = [r for r in every if not is_current(result_file(folder, *r), run_settings(spec))]
+    sentences = {target: sentence_digests(spec, job, target) for target in spec.targets}
+    missing = [r for r in every if not is_current(result_file(folder, *r), run_settings(spec), sentences[r[0]])]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} fine-tuning result(s) missing or made under other finetune/decode "
-                                f"settings (e.g. {result_file(folder, *missing[0])}); run --stage finetune first")
+        raise FileNotFoundError(f"{len(missing)} fine-tuning result(s) missing, or made under other finetune/decode "
+                                f"settings or for other dev/test sentences (e.g. {result_file(folder, *missing[0])}); "
+                                "run --stage finetune first")
     results = {r: json.loads(result_file(folder, *r).read_text()) for r in every}
     refs = {(target, split): references(job, target, split, count)[1] for target in spec.targets
             for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs))}
