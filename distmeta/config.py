@@ -422,10 +422,14 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Read, override and validate a job file.
 
     Raises:
-        ConfigError: unreadable YAML or any invalid value (all listed at once).
+        ConfigError: unreadable YAML, an empty file (it would run the default job unseen), or
+            any invalid value (all listed at once).
         FileNotFoundError: no such file.
     """
-    return job_from_dict(apply_overrides(read_config_file(path), list(overrides)), str(path))
+    raw = read_config_file(path)
+    if raw == {}:
+        raise ConfigError(["the file is empty: a job names at least its task (see jobs/*.yaml)"], str(path))
+    return job_from_dict(apply_overrides(raw, list(overrides)), str(path))
 
 
 def load_run_job(run_dir: str | Path | Location) -> JobConfig:

@@ -91,6 +91,9 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     path.write_text("train: {steps: 5}\nmodel: {name: conv4}\ntrain: {meta_batch: 2}\n")  # PyYAML keeps the last
     assert main(["validate", str(path)]) == 2
     assert "key 'train' is given twice" in capsys.readouterr().err
+    path.write_text("# only a comment\n")
+    assert main(["validate", str(path)]) == 2
+    assert "the file is empty" in capsys.readouterr().err
     path.write_bytes(b"name: \xff\n")
     assert main(["validate", str(path)]) == 2
     assert f"{path}: 1 problem(s)\n  - not UTF-8 text" in capsys.readouterr().err
