@@ -61,7 +61,8 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
     written since the previous one (a Ray Tune trial reports them).
 
     Raises:
-        FileExistsError: ``out`` already holds checkpoints and ``resume`` is off.
+        FileExistsError: ``out`` already holds checkpoints, or a finished run's summary, and
+            ``resume`` is off (a run that failed before its first checkpoint starts over).
         ValueError: resuming with a job that differs outside ``RESUMABLE_KEYS``, with fewer
             ``train.steps`` than the checkpoint's step, or with other ``train.steps`` under a
             schedule that decays over them, or whose data has another digest; a cluster that
