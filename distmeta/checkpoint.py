@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ def load_checkpoint(path: str | Path | Location) -> dict[str, Any]:
     data = path.read_bytes()
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # by how it is broken
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, struct.error, pickle.UnpicklingError,
+            zipfile.BadZipFile) as error:  # what torch raises depends on where the file is broken
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if "Unsupported global" in str(error):  # whole, but holds objects distmeta never saves
             reason = "it holds objects other than tensors and plain values, so it is not a distmeta checkpoint"

@@ -427,7 +427,7 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
         FileNotFoundError: no such file.
     """
     raw = read_config_file(path)
-    if raw == {}:
+    if raw == {} and parse_yaml(Path(path).read_text()) is None:
         raise ConfigError(["the file is empty: a job names at least its task (see jobs/*.yaml)"], str(path))
     return job_from_dict(apply_overrides(raw, list(overrides)), str(path))
 

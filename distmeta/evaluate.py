@@ -37,7 +37,8 @@ def evaluate(model: TaskModel, phi: Params, sampler: TaskSampler, split: str, ta
 
     Raises:
         NonFiniteError: a non-finite mean loss (adaptation diverged: NaN logits would score
-            chance accuracy, which reads as a result), unless ``allow_non_finite``.
+            chance accuracy, which reads as a result), unless ``allow_non_finite``, which
+            reports every metric of such a step count as NaN instead.
     """
     device = torch.device(device)
     record_at = record_at or (inner.steps,)
@@ -56,6 +57,8 @@ def evaluate(model: TaskModel, phi: Params, sampler: TaskSampler, split: str, ta
         for name, chunks in metrics.items():
             mean, ci = mean_ci95(torch.cat(chunks))
             report[steps][name], report[steps][f"{name}_ci95"] = mean, ci
+        if not math.isfinite(report[steps]["loss"]) and allow_non_finite:  # no metric of it means anything
+            report[steps] = {name: value if name == "tasks" else math.nan for name, value in report[steps].items()}
         if not (allow_non_finite or math.isfinite(report[steps]["loss"])):
             raise NonFiniteError(f"{split} loss after {steps} inner step(s) at rate {inner.lr} is "
                                  f"{report[steps]['loss']}: adaptation diverges from this Φ (lower "

@@ -290,9 +290,10 @@ def write_report(spec: SweepConfig, base: dict, out: Path, results) -> dict[str,
         rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **result.config, "status": status,
                      "step": step, "reports": metrics.get("training_iteration"), spec.metric: metrics.get(spec.metric)})
     _write_csv(out / "results.csv", rows)
-    finished = [r for r in rows if r[spec.metric] is not None]
+    finished = [r for r in rows if r[spec.metric] is not None
+                and math.isfinite(r[spec.metric])]  # a diverged trial reports NaN, and NaN would win min/max
     if not finished:
-        raise RuntimeError(f"no trial of {out} reported {spec.metric}; see the trial errors in {out}")
+        raise RuntimeError(f"no trial of {out} reported a finite {spec.metric}; see the trial errors in {out}")
     best = (max if spec.mode == "max" else min)(finished, key=lambda r: r[spec.metric])
     config = {k: best[k] for k in spec.space}
     test = evaluate_run(Location(out) / "trials" / best["trial"], tasks=spec.test_tasks, split="test",

@@ -161,14 +161,14 @@ def _check_run(job: JobConfig, run: Location, resume: bool, data: str | None) ->
     state = load_checkpoint(newest)
     # the job Φ was trained with, whatever config.json says now (checkpoints from before it was kept: config.json)
     saved = job_from_dict(state["config"], str(newest)) if "config" in state else load_run_job(run)
-    if state.get("data_sha256", data) != data:
-        raise ValueError(f"cannot resume {run}: its data has changed (sha256 {state['data_sha256'][:12]}… when "
-                         f"checkpointed, {str(data)[:12]}… now); data.* may say where the same data lies, not "
-                         "name other data")
     changed = changed_keys(saved, job, ignore=RESUMABLE_KEYS)
     if changed:
         raise ValueError(f"cannot resume {run} with a different job: {', '.join(changed)} changed "
                          f"(only {', '.join(RESUMABLE_KEYS)} may change)")
+    if state.get("data_sha256", data) != data:
+        raise ValueError(f"cannot resume {run}: its data has changed (sha256 {str(state['data_sha256'])[:12]}… "
+                         f"when checkpointed, {str(data)[:12]}… now); data.* may say where the same data lies, "
+                         "not name other data")
     schedule = saved.optimizer
     if job.train.steps != saved.train.steps and schedule.schedule != "constant" and schedule.schedule_steps is None:
         raise ValueError(f"cannot resume {run} with train.steps {job.train.steps} instead of {saved.train.steps}: "

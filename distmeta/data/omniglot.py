@@ -61,7 +61,7 @@ class Omniglot:
     alphabets: tuple[str, ...]  # per character, its alphabet folder name
     characters: tuple[str, ...]  # per character, "Alphabet/characterNN"
     background: np.ndarray  # bool (characters,), True for characters from images_background.zip
-    sha256: str = ""  # of the pixels, as the cache recorded and checked it
+    sha256: str  # of the pixels, as the cache recorded and checked it
 
 
 def default_cache_dir() -> Path:
