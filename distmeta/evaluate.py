@@ -8,7 +8,7 @@ import torch
 
 from distmeta.algorithms import InnerLoop, adaptation_curve
 from distmeta.checkpoint import latest_checkpoint, load_checkpoint
-from distmeta.components import build_model, build_sampler, eval_inner_loop, with_queries
+from distmeta.components import build_model, build_sampler, data_sha256, eval_inner_loop, with_queries
 from distmeta.config import JobConfig, load_run_job
 from distmeta.data.sampling import TaskSampler
 from distmeta.device import precision_context, resolve_device, to_device
@@ -75,8 +75,8 @@ def evaluate_run(run_dir: str | Path | Location, tasks: int | None = None, steps
     ``ci95`` (of accuracy for classifiers, of MSE for regression).
 
     Raises:
-        ValueError: fewer than 2 tasks, a negative round or step count, or a checkpoint
-            that does not fit the job's model.
+        ValueError: fewer than 2 tasks, a negative round or step count, a checkpoint that
+            does not fit the job's model, or data other than the run was trained on.
         FileNotFoundError: no checkpoint in the run directory.
     """
     run_dir = Location(run_dir)
@@ -92,6 +92,9 @@ def evaluate_run(run_dir: str | Path | Location, tasks: int | None = None, steps
     sampler = with_queries(build_sampler(job), job.eval.queries)
     model = build_model(job)
     check_params(model.init(torch.Generator()), state["phi"], f"the checkpoint of {run_dir}")
+    if state.get("data_sha256", None) not in (None, data_sha256(job)):
+        raise ValueError(f"{run_dir} was trained on other data than its job now finds (sha256 "
+                         f"{state['data_sha256'][:12]}…): point data.* or $DISTMETA_* at the data it was trained on")
     report = evaluate(model, state["phi"], sampler, split, tasks, inner, job.eval.batch, round_index,
                       resolve_device(job.runtime.device), job.runtime.precision)[inner.steps]
     return headline(report) | {"steps": inner.steps, "split": split, "round": round_index}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from distmeta.cli import main
 from distmeta.config import load_job
 from distmeta.data.omniglot import DataError
+from distmeta.evaluate import evaluate_run
 from distmeta.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,3 +74,8 @@ def test_a_resume_may_find_the_data_elsewhere_but_not_other_data(translation_env
     with pytest.raises(ValueError, match="its data has changed .* not name other data"):
         train(replace(job, train=replace(job.train, steps=4), data=replace(job.data, translation=str(tmp_path / "other.parquet"))),
               tmp_path / "run", resume=True)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["data"]["translation"] = str(tmp_path / "other.parquet")  # eval is checked too
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="was trained on other data than its job now finds"):
+        evaluate_run(tmp_path / "run", tasks=2)
