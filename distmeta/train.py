@@ -72,8 +72,12 @@ def train(job: JobConfig, out: str | Path | None = None, resume: bool = False,
         NonFiniteError: a non-finite meta-gradient or Φ (lower the learning rates).
     """
     run = Location(out if out is not None else default_run_dir(job))
-    data = data_sha256(job)
-    state = _check_run(job, run, resume, data)
+    state = _check_run(job, run, resume)
+    data = data_sha256(job)  # after the folder checks: it may download or preprocess the data
+    if state is not None and state.get("data_sha256", data) != data:
+        raise ValueError(f"cannot resume {run}: its data has changed (sha256 {str(state['data_sha256'])[:12]}… "
+                         f"when checkpointed, {str(data)[:12]}… now); data.* may say where the same data lies, "
+                         "not name other data")
     run.check_writable()
     local_dir = run.local or _staging_dir(run)
     if run.local is None:  # the staging copy starts from what the run location holds, nothing else
@@ -142,9 +146,9 @@ def _staging_dir(run: Location) -> Path:
     return Path(tempfile.gettempdir()) / "distmeta-runs" / hashlib.sha1(run.uri.encode()).hexdigest()[:16]
 
 
-def _check_run(job: JobConfig, run: Location, resume: bool, data: str | None) -> dict[str, Any] | None:
-    """The newest checkpoint's state when resuming, once ``job`` (whose data has the digest
-    ``data``) is found fit to continue it; nothing in ``run`` is written before this passes."""
+def _check_run(job: JobConfig, run: Location, resume: bool) -> dict[str, Any] | None:
+    """The newest checkpoint's state when resuming, once ``job`` is found fit to continue it
+    (the caller checks its data); nothing in ``run`` is written before this passes."""
     if not resume:
         if checkpoints(run / "checkpoints"):
             raise FileExistsError(f"{run} already holds a run; resume it (--resume) or choose another --out")
@@ -165,10 +169,6 @@ def _check_run(job: JobConfig, run: Location, resume: bool, data: str | None) ->
     if changed:
         raise ValueError(f"cannot resume {run} with a different job: {', '.join(changed)} changed "
                          f"(only {', '.join(RESUMABLE_KEYS)} may change)")
-    if state.get("data_sha256", data) != data:
-        raise ValueError(f"cannot resume {run}: its data has changed (sha256 {str(state['data_sha256'])[:12]}… "
-                         f"when checkpointed, {str(data)[:12]}… now); data.* may say where the same data lies, "
-                         "not name other data")
     schedule = saved.optimizer
     if job.train.steps != saved.train.steps and schedule.schedule != "constant" and schedule.schedule_steps is None:
         raise ValueError(f"cannot resume {run} with train.steps {job.train.steps} instead of {saved.train.steps}: "
