@@ -57,12 +57,12 @@ def evaluate(model: TaskModel, phi: Params, sampler: TaskSampler, split: str, ta
         for name, chunks in metrics.items():
             mean, ci = mean_ci95(torch.cat(chunks))
             report[steps][name], report[steps][f"{name}_ci95"] = mean, ci
-        if not math.isfinite(report[steps]["loss"]) and allow_non_finite:  # no metric of it means anything
+        if not math.isfinite(report[steps]["loss"]):
+            if not allow_non_finite:
+                raise NonFiniteError(f"{split} loss after {steps} inner step(s) at rate {inner.lr} is "
+                                     f"{report[steps]['loss']}: adaptation diverges from this Φ (lower algorithm."
+                                     "inner_lr, or the steps: eval.inner_steps, --steps); no score is reported")
             report[steps] = {name: value if name == "tasks" else math.nan for name, value in report[steps].items()}
-        if not (allow_non_finite or math.isfinite(report[steps]["loss"])):
-            raise NonFiniteError(f"{split} loss after {steps} inner step(s) at rate {inner.lr} is "
-                                 f"{report[steps]['loss']}: adaptation diverges from this Φ (lower "
-                                 "algorithm.inner_lr, or the steps: eval.inner_steps, --steps); no score is reported")
     return report
 
 

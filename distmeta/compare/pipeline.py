@@ -216,11 +216,18 @@ def sentence_digests(spec: CompareConfig, job: JobConfig, target: str) -> dict[s
     """sha256 of the dev and test pairs a target's results decode and are scored against: a
     result from other sentences (the data, or how it is read, changed) is redone, never
     scored against references it was not decoded for."""
-    digests = {}
-    for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs)):
-        sources, targets = references(job, target, split, count)
-        digests[split] = hashlib.sha256("\n".join([*sources, "\0", *targets]).encode()).hexdigest()
-    return digests
+    return _digests(_scored_pairs(spec, job, target))
+
+
+def _scored_pairs(spec: CompareConfig, job: JobConfig, target: str) -> dict[str, tuple[list[str], list[str]]]:
+    """``references`` of a target's dev and test splits, by split."""
+    return {split: references(job, target, split, count)
+            for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs))}
+
+
+def _digests(pairs: dict[str, tuple[list[str], list[str]]]) -> dict[str, str]:
+    return {split: hashlib.sha256("\n".join([*sources, "\0", *targets]).encode()).hexdigest()
+            for split, (sources, targets) in pairs.items()}
 
 
 def _without_run_lists(settings: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -331,15 +338,15 @@ def stage_report(spec: CompareConfig, job: JobConfig, folder: Path) -> None:
 
     tokens = training_tokens(job, spec.targets)
     every = runs(spec, tokens)
-    sentences = {target: sentence_digests(spec, job, target) for target in spec.targets}
+    pairs = {target: _scored_pairs(spec, job, target) for target in spec.targets}
+    sentences = {target: _digests(pairs[target]) for target in spec.targets}
     missing = [r for r in every if not is_current(result_file(folder, *r), run_settings(spec), sentences[r[0]])]
     if missing:
         raise FileNotFoundError(f"{len(missing)} fine-tuning result(s) missing, or made under other finetune/decode "
                                 f"settings or for other dev/test sentences (e.g. {result_file(folder, *missing[0])}); "
                                 "run --stage finetune first")
     results = {r: json.loads(result_file(folder, *r).read_text()) for r in every}
-    refs = {(target, split): references(job, target, split, count)[1] for target in spec.targets
-            for split, count in (("dev", spec.decode.dev_pairs), ("test", spec.decode.test_pairs))}
+    refs = {(target, split): targets for target in spec.targets for split, (_, targets) in pairs[target].items()}
     write_report(spec, job, folder, results, refs, distinct_budgets(spec, tokens), meta_updates(folder))
 
 
