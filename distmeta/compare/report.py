@@ -28,8 +28,9 @@ Budgets = dict[str, dict[Any, list[Any]]]  # target → budget run → the reque
 
 def score_budget(hypotheses: dict[str, list[str]], refs: list[str], bootstrap: int) -> dict[str, dict[str, Any]]:
     """BLEU and chrF of each initialisation's test output with 95% CIs, and the paired-bootstrap
-    p-value of each against the pre-training baseline (1 for output identical to it, where
-    sacrebleu, counting resamples with a larger gap than none, would give its smallest p)."""
+    p-value of each against the pre-training baseline: 1 where the two score the same (identical
+    output, or both BLEU 0), where sacrebleu, counting resamples with a gap larger than the
+    observed zero, would give its smallest p."""
     order = [BASELINE, *(i for i in INITS if i != BASELINE)]
     logging.getLogger("sacrebleu").setLevel(logging.WARNING)  # one INFO line per resampling otherwise
     _, scores = PairedTest([(name, hypotheses[name]) for name in order], {"BLEU": BLEU(), "chrF": CHRF()}, [refs],
@@ -41,7 +42,7 @@ def score_budget(hypotheses: dict[str, list[str]], refs: list[str], bootstrap: i
         key = "bleu" if metric.startswith("BLEU") else "chrf"
         for name, result in zip(order, results):
             as_float = lambda v: None if v is None else float(v)  # noqa: E731 (numpy scalars → JSON)
-            same = name != BASELINE and hypotheses[name] == hypotheses[BASELINE]
+            same = name != BASELINE and result.score == results[0].score
             out[name] |= {key: float(result.score), f"{key}_ci95": as_float(result.ci),
                           f"{key}_p_vs_pretrain": 1.0 if same else as_float(result.p_value)}
     return out
@@ -109,12 +110,14 @@ def plot_curves(spec: CompareConfig, rows: list[dict[str, Any]], path: Path) -> 
 
 def markdown(spec: CompareConfig, job: JobConfig, rows: list[dict[str, Any]], updates: int) -> str:
     m, t = job.model, job.task
+    rates = " or ".join(f"{r:g}" for r in spec.finetune.rates())
+    if len(spec.finetune.rates()) > 1:
+        rates += " (chosen on dev loss per run)"
     lines = [f"# {spec.name}: MAML vs multilingual pre-training for low-resource translation", "",
              f"Meta-training: {job.algorithm.name} on {len(spec.sources)} source languages ({', '.join(spec.sources)}), "
              f"{updates} updates of {job.train.meta_batch} tasks, support/query {t.support_tokens}/{t.query_tokens} "
              f"target tokens. Pre-training: the same updates, tasks and tokens, jointly (Ray Train). Transformer "
-             f"{m.dim}-d, {m.layers}+{m.layers} layers, {t.vocab} pieces. Fine-tuning: Adam at "
-             f"{' or '.join(f'{r:g}' for r in spec.finetune.rates())} (chosen on dev loss per run), "
+             f"{m.dim}-d, {m.layers}+{m.layers} layers, {t.vocab} pieces. Fine-tuning: Adam at {rates}, "
              f"batches of {spec.finetune.batch_tokens} target tokens, early stopping on dev loss. Test: the first "
              f"{spec.decode.test_pairs} test pairs, {'greedy' if spec.decode.beam == 1 else f'beam {spec.decode.beam}'} "
              f"decoding, sacrebleu on detokenised output; ± is the 95% CI, p the paired bootstrap "
